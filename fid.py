@@ -1,0 +1,898 @@
+"""Sample-quality metrics: FID, sFID, Inception Score and improved precision/recall.
+
+The numbers follow the evaluators the paper reports against (the ADM evaluator of guided-diffusion, with the
+2015-12-05 TensorFlow Inception-v3 graph) and are numerically compatible with pytorch-fid / torch-fidelity:
+
+    metric      features (per image)                          statistic
+    ------      --------------------                          ---------
+    FID         pool_3, 2048-d                                Frechet distance of Gaussians (float64, unbiased cov)
+    sFID        mixed_6/conv, first 7 channels, 17*17*7=2023  same
+    IS          softmax(pool_3 @ W), 1008 classes, no bias    exp E[KL(p(y|x) || p(y))], mean over chunks of 5000
+    Prec/Rec    pool_3, 2048-d                                k-NN manifolds, k = 3 (Kynkaanniemi et al. 2019)
+
+Network. The FID variant of Inception-v3 as pytorch-fid ports it (three modified blocks: average pools that ignore
+the zero padding, a max pool in the last block; 1008 logits). Parameter names equal torchvision's Inception3, so
+pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (and torch-fidelity's `weights-inception-...-6726825d.pth`,
+same keys) loads strictly. The sFID layer: the TF graph's `mixed_6` is the fourth 17x17 block (`mixed`,
+`mixed_1`, `mixed_2` are Mixed_5b/c/d, `mixed_3` is Mixed_6a, `mixed_4..7` are Mixed_6b..e), and its `conv` is
+the 1x1 branch, i.e. `Mixed_6d.branch1x1` after its ReLU. ADM keeps channels [:7] of the NHWC tensor and flattens
+in (h, w, c) order; we do the same so that the `mu_s`/`sigma_s` of ADM reference batches are comparable.
+
+Resize and normalisation (uint8 images in, any size):
+    --resize tf (default)    float [0, 255] -> TF1 bilinear resize to 299 (align_corners=False, no half-pixel
+                             offset: what the TF graph of the ADM evaluator does; torch-fidelity's re-implementation)
+                             -> (x - 128) / 128.  Use this to compare with ADM reference batches and papers.
+    --resize pytorch-fid     x / 255 in [0, 1] -> F.interpolate(bilinear, align_corners=False) to 299 -> 2x - 1.
+                             Reproduces pytorch-fid's numbers (its README: ~1e-3 relative FID from TF).
+
+Inputs (SAMPLES and REFERENCE may each be any of):
+    a folder of .png / .jpg / .jpeg images (sorted by name, all the same size, converted to RGB);
+    a sample npz: `arr_0` (N, H, W, 3) uint8, optional `arr_1` (N,) integer labels (DiT / ADM sample format);
+    an ADM reference batch npz: `arr_0` (reference images, used for precision/recall) and precomputed `mu`, `sigma`,
+        `mu_s`, `sigma_s` (statistics over the whole data set: these are used for FID/sFID, as ADM does);
+    a statistics file written by `--save-stats`: `mu`, `sigma` (pool_3, pytorch-fid's key names, so pytorch-fid can
+        read it), `mu_s`, `sigma_s` (spatial), `pool_features` (N, 2048) float32 for precision/recall, `logits`
+        (N, 1008) float32 for IS, and `resize` (the mode that produced them). We store pool features rather than
+        images: they are 10x smaller and all precision/recall needs. A pytorch-fid stats file (mu, sigma) works for FID.
+
+Usage:
+    python fid.py SAMPLES REFERENCE [--inception PATH] [--batch-size 100] [--device cuda] [--resize tf]
+    python fid.py SAMPLES --save-stats stats.npz
+    torchrun --nproc_per_node 8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz
+    python fid.py samples.npz --embedded          # no Inception weights needed: reference-classifier metrics
+
+Inception weights are never downloaded: --inception PATH, else $EPG_INCEPTION, else the torch hub cache
+(torch.hub.get_dir()/checkpoints/pt_inception-2015-12-05-6726825d.pth).
+
+Embedded data set mode. Our default data set is procedural shapes, not ImageNet, and the machines have no Inception
+weights. `reference_classifier` trains a small CNN on the shapes once (seconds, cached on disk) and
+`embedded_metrics` reports the Frechet distance of its features to those of the validation split ("FD_ref") and the
+fraction of samples classified as their conditioning label. These numbers are NOT comparable to Inception FID.
+"""
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_FILENAME_TORCH_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILENAME
+INCEPTION_SHA256_PREFIX = "6726825d"
+INCEPTION_SIZE = 299
+SPATIAL_CHANNELS = 7          # ADM: mixed_6/conv[..., :7]
+IS_SPLIT_SIZE = 5000          # ADM: consecutive chunks of 5000 images, mean over chunks
+PR_NEIGHBOURS = 3             # k of the k-NN manifold radius (Kynkaanniemi et al. 2019; ADM)
+RESIZE_MODES = ("tf", "pytorch-fid")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class MetricsError(Exception):
+    """A problem with the user's input (files, flags) that deserves a one-line message, not a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The FID Inception-v3 (the 2015-12-05 TF graph as pytorch-fid ports it)
+# ----------------------------------------------------------------------------------------------------------------
+class BasicConv2d(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, as in the TF graph) -> ReLU."""
+
+    def __init__(self, in_channels, out_channels, **conv_kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **conv_kwargs)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def tf_avg_pool_3x3(x):
+    """3x3/1 average pool whose border windows average only real pixels (TF 'SAME'; torchvision counts the pad)."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """35x35 block (Mixed_5b/c/d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
+
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(tf_avg_pool_3x3(x)),
+        ], dim=1)
+
+
+class InceptionB(nn.Module):
+    """35x35 -> 17x17 reduction (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, kernel_size=3, stride=2),
+        ], dim=1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block (Mixed_6b..e) with factorised 7x7 convolutions: 1x1 | 1x1-1x7-7x1 | 1x1-(7x1-1x7)x2 | avgpool-1x1."""
+
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            b7dbl = conv(b7dbl)
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_avg_pool_3x3(x))], dim=1)
+
+
+class InceptionD(nn.Module):
+    """17x17 -> 8x8 reduction (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b7x3 = x
+        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            b7x3 = conv(b7x3)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7x3, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block (Mixed_7b/c) with split 1x3 / 3x1 outputs. The FID graph pools with an average (TF 'SAME') in
+    Mixed_7b and with a *max* pool in Mixed_7c (`pool="max"`), unlike the Inception-v3 paper."""
+
+    def __init__(self, in_channels, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.pool == "max" else tf_avg_pool_3x3(x)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+            self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl),
+            self.branch_pool(pooled),
+        ], dim=1)
+
+
+def resize_bilinear_tf1(images, size=INCEPTION_SIZE):
+    """TensorFlow 1.x `ResizeBilinear` (align_corners=False, half_pixel_centers=False), as in the FID graph.
+
+    Output pixel i samples the input at src = i * (in / out) (no half-pixel offset, unlike F.interpolate), from
+    rows/columns floor(src) and min(floor(src) + 1, in - 1). The scale is a float32 division as in TF.
+    images: (N, C, H, W) float. Returns (N, C, size, size) of the same dtype.
+    """
+    def sample_positions(in_len):
+        scale = torch.tensor(in_len, dtype=torch.float32) / torch.tensor(size, dtype=torch.float32)
+        src = torch.arange(size, dtype=torch.float32) * scale
+        lo = src.long()                                  # src >= 0: truncation is floor
+        hi = (lo + 1).clamp(max=in_len - 1)
+        frac = (src - lo.float()).to(images.dtype)
+        return lo.to(images.device), hi.to(images.device), frac.to(images.device)
+
+    y_lo, y_hi, fy = sample_positions(images.shape[2])
+    x_lo, x_hi, fx = sample_positions(images.shape[3])
+    top, bottom = images[:, :, y_lo, :], images[:, :, y_hi, :]
+    top = top[..., x_lo] + (top[..., x_hi] - top[..., x_lo]) * fx
+    bottom = bottom[..., x_lo] + (bottom[..., x_hi] - bottom[..., x_lo]) * fx
+    return top + (bottom - top) * fy[:, None]
+
+
+def preprocess_for_inception(images_uint8, resize="tf"):
+    """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) in [-1, 1] (see the module docstring for the two modes)."""
+    if resize == "tf":
+        x = resize_bilinear_tf1(images_uint8.float(), INCEPTION_SIZE)
+        return (x - 128) / 128
+    if resize == "pytorch-fid":
+        x = images_uint8.float() / 255
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+    raise ValueError(f"unknown resize mode '{resize}': choose one of {RESIZE_MODES}")
+
+
+class FIDInceptionV3(nn.Module):
+    """Inception-v3 of the FID graph. forward(uint8 (N, 3, H, W)) -> dict of float32 features per image:
+        "pool"    (N, 2048)  pool_3 (FID, precision/recall)
+        "spatial" (N, 2023)  mixed_6/conv = Mixed_6d.branch1x1, channels [:7], flattened in (h, w, c) order (sFID)
+        "logits"  (N, 1008)  pool_3 @ W without the bias, as ADM's Inception Score (softmax/logits/MatMul)
+    """
+
+    def __init__(self, resize="tf"):
+        super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode '{resize}': choose one of {RESIZE_MODES}")
+        self.resize = resize
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)            # 1008 classes as in the TF graph; the bias is unused (see logits)
+
+    def forward(self, images_uint8):
+        x = preprocess_for_inception(images_uint8, self.resize)               # (N, 3, 299, 299)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))     # (N, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                          # (N, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                         # (N, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                          # (N, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                    # (N, 288, 35, 35)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))                    # (N, 768, 17, 17)
+        spatial = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]            # (N, 7, 17, 17)  mixed_6/conv
+        spatial = spatial.permute(0, 2, 3, 1).flatten(1)                      # (N, 2023), TF's NHWC order
+        x = self.Mixed_6e(self.Mixed_6d(x))                                   # (N, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                    # (N, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))                                             # (N, 2048)  pool_3
+        logits = pool @ self.fc.weight.T                                      # (N, 1008)  no bias
+        return {"pool": pool, "spatial": spatial, "logits": logits}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights: found locally, checked, never downloaded
+# ----------------------------------------------------------------------------------------------------------------
+def sha256_of_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_inception_weights(path=None):
+    """Path of the Inception weights: `path`, else $EPG_INCEPTION, else the torch hub cache.
+
+    A file in the hub cache must have the sha256 prefix 6726825d (else MetricsError); an explicitly given file
+    that does not only triggers a warning, so that test weights can be used.
+    """
+    explicit = path or os.environ.get("EPG_INCEPTION")
+    if explicit:
+        explicit = Path(explicit).expanduser()
+        if not explicit.is_file():
+            raise MetricsError(f"Inception weights file '{explicit}' does not exist (given by "
+                               f"{'--inception' if path else 'EPG_INCEPTION'}); point it at {INCEPTION_FILENAME}")
+        digest = sha256_of_file(explicit)
+        if not digest.startswith(INCEPTION_SHA256_PREFIX):
+            warnings.warn(f"'{explicit}' has sha256 {digest[:8]}..., not {INCEPTION_SHA256_PREFIX}...: these are not "
+                          f"the FID Inception weights, so the numbers are not comparable with published FIDs")
+        return explicit
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in (INCEPTION_FILENAME, INCEPTION_FILENAME_TORCH_FIDELITY):
+        cached = hub_dir / name
+        if cached.is_file():
+            digest = sha256_of_file(cached)
+            if not digest.startswith(INCEPTION_SHA256_PREFIX):
+                raise MetricsError(f"'{cached}' is corrupt (sha256 {digest[:8]}..., expected "
+                                   f"{INCEPTION_SHA256_PREFIX}...): delete it and download it again from {INCEPTION_URL}")
+            return cached
+    raise MetricsError(f"Inception weights {INCEPTION_FILENAME} not found (fid.py never downloads): fetch "
+                       f"{INCEPTION_URL} (pytorch-fid's GitHub release) and put it in {hub_dir}/, or pass "
+                       f"--inception PATH, or set EPG_INCEPTION=PATH; no weights at all: use --embedded")
+
+
+def load_inception(path=None, device="cpu", resize="tf"):
+    """FIDInceptionV3 in eval mode with the weights from `find_inception_weights(path)` loaded strictly."""
+    path = find_inception_weights(path)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                   # truncated zip, not a torch file, pickled objects...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MetricsError(f"cannot read Inception weights '{path}' ({reason}): the file is corrupt or not a "
+                           f"state dict; download {INCEPTION_FILENAME} again from {INCEPTION_URL}") from None
+    model = FIDInceptionV3(resize)
+    if not isinstance(state_dict, dict):
+        raise MetricsError(f"'{path}' holds a {type(state_dict).__name__}, not a state dict of {INCEPTION_FILENAME}")
+    expected = set(model.state_dict())
+    missing = {k for k in expected - set(state_dict) if not k.endswith("num_batches_tracked")}
+    unexpected = set(state_dict) - expected
+    if missing or unexpected:
+        raise MetricsError(f"'{path}' is not the FID Inception state dict: {len(missing)} missing keys (e.g. "
+                           f"{sorted(missing)[:2]}), {len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:2]})")
+    try:
+        model.load_state_dict(state_dict, strict=False)     # strict up to BatchNorm's num_batches_tracked counters
+    except RuntimeError as e:
+        raise MetricsError(f"'{path}' has tensors of the wrong shape for the FID Inception: "
+                           f"{str(e).strip().splitlines()[-1].strip()}") from None
+    return model.eval().requires_grad_(False).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: image folders, sample npz files, ADM reference batches, statistics files
+# ----------------------------------------------------------------------------------------------------------------
+class FolderImages:
+    """The .png/.jpg/.jpeg images of a folder, sorted by name; read(start, stop) -> uint8 (n, H, W, 3)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise MetricsError(f"folder '{folder}' contains no {'/'.join(IMAGE_EXTENSIONS)} images")
+        self.image_shape = self._load(self.files[0]).shape
+
+    def __len__(self):
+        return len(self.files)
+
+    def _load(self, file):
+        from PIL import Image
+        try:
+            with Image.open(file) as image:
+                return np.asarray(image.convert("RGB"))
+        except Exception as e:
+            raise MetricsError(f"cannot read image '{file}': {e}") from None
+
+    def read(self, start, stop):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(self._load, self.files[start:stop]))
+        for file, image in zip(self.files[start:stop], images):
+            if image.shape != self.image_shape:
+                raise MetricsError(f"'{file}' is {image.shape[1]}x{image.shape[0]} but '{self.files[0].name}' is "
+                                   f"{self.image_shape[1]}x{self.image_shape[0]}: all images must have one size")
+        return np.stack(images)
+
+
+class NpzImages:
+    """`arr_0` of an npz file, (N, H, W, 3) uint8, without loading it whole (a 50k x 256^2 sample batch is 10 GB):
+    memory-mapped when stored uncompressed (np.savez), loaded into memory when compressed. read(start, stop) ->
+    uint8 (n, H, W, 3)."""
+
+    def __init__(self, path, key="arr_0"):
+        member = key + ".npy"
+        with zipfile.ZipFile(path) as archive, archive.open(member) as f:
+            info = archive.getinfo(member)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            header_bytes = f.tell()
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
+            raise MetricsError(f"'{path}': {key} must be uint8 images of shape (N, H, W, 3) (NHWC, as written by "
+                               f"np.savez), got {dtype} {shape}; convert with (x * 127.5 + 128).clip(0, 255).astype(np.uint8)")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with open(path, "rb") as raw:              # data start = local file header (30 bytes + name + extra)
+                raw.seek(info.header_offset)
+                name_length, extra_length = struct.unpack("<HH", raw.read(30)[26:30])
+            offset = info.header_offset + 30 + name_length + extra_length + header_bytes
+            self.array = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
+        else:
+            with np.load(path) as npz:
+                self.array = npz[key]
+        self.image_shape = shape[1:]
+
+    def __len__(self):
+        return len(self.array)
+
+    def read(self, start, stop):
+        return np.asarray(self.array[start:stop])
+
+
+class InMemoryImages:
+    """An (N, H, W, 3) uint8 array with the read(start, stop) interface of FolderImages / NpzImages."""
+
+    def __init__(self, images):
+        self.images = images
+        self.image_shape = images.shape[1:]
+
+    def __len__(self):
+        return len(self.images)
+
+    def read(self, start, stop):
+        return np.asarray(self.images[start:stop])
+
+
+STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features", "logits")
+
+
+def check_statistics(stats, source):
+    """Validate the arrays of a statistics / reference file; raises MetricsError naming the problem."""
+    for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (mean_key in stats) != (cov_key in stats):
+            raise MetricsError(f"'{source}' has '{mean_key if mean_key in stats else cov_key}' but not "
+                               f"'{cov_key if mean_key in stats else mean_key}'")
+        if mean_key in stats:
+            mu, sigma = stats[mean_key], stats[cov_key]
+            if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+                raise MetricsError(f"'{source}': {mean_key}/{cov_key} must be floating point, got {mu.dtype}/{sigma.dtype}")
+            if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+                raise MetricsError(f"'{source}': {mean_key} must have shape (D,) and {cov_key} (D, D), got "
+                                   f"{mu.shape} and {sigma.shape}")
+    for key, dim in (("pool_features", 2048), ("logits", 1008)):
+        if key in stats and (stats[key].ndim != 2 or stats[key].shape[1] != dim
+                             or not np.issubdtype(stats[key].dtype, np.floating)):
+            raise MetricsError(f"'{source}': {key} must be float of shape (N, {dim}), got {stats[key].dtype} "
+                               f"{stats[key].shape}")
+
+
+class EvalInput:
+    """One side of the comparison. Attributes:
+        images: FolderImages / NpzImages / InMemoryImages or None (a pure statistics file)
+        stats:  dict of precomputed arrays among STATS_KEYS (float64 mu/sigma)
+        labels: (N,) int64 class labels (`arr_1` of a sample npz) or None
+        resize: the resize mode recorded in a statistics file, or None
+    """
+
+    def __init__(self, name, images=None, stats=None, labels=None, resize=None):
+        self.name, self.images, self.stats, self.labels, self.resize = name, images, stats or {}, labels, resize
+
+
+def open_input(path):
+    """EvalInput of a folder of images, a sample npz, an ADM reference batch or a statistics file."""
+    path = Path(path)
+    if path.is_dir():
+        return EvalInput(str(path), images=FolderImages(path))
+    if not path.is_file():
+        raise MetricsError(f"'{path}' does not exist (expected a folder of images or an .npz file)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            stats = {k: np.asarray(npz[k]) for k in STATS_KEYS if k in keys}
+            labels = np.asarray(npz["arr_1"]) if "arr_1" in keys else None
+            resize = str(npz["resize"]) if "resize" in keys else None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise MetricsError(f"cannot read '{path}' as an npz file: {e}") from None
+    if not keys & {"arr_0", "mu", "pool_features"}:
+        raise MetricsError(f"'{path}' has keys {sorted(keys)}: expected 'arr_0' (images, N x H x W x 3 uint8) "
+                           f"and/or statistics 'mu', 'sigma' (see --save-stats)")
+    check_statistics(stats, path)
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+        if key in stats:
+            stats[key] = stats[key].astype(np.float64)
+    images = NpzImages(path) if "arr_0" in keys else None
+    if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)
+                               or (images is not None and len(labels) != len(images))):
+        raise MetricsError(f"'{path}': arr_1 must hold one integer label per image, got {labels.dtype} {labels.shape}")
+    return EvalInput(str(path), images=images, stats=stats, labels=labels, resize=resize)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature extraction, sharded over the ranks of torchrun
+# ----------------------------------------------------------------------------------------------------------------
+def dist_rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_rows(local, total):
+    """Concatenate each rank's contiguous block of rows (rank order = image order) and trim to `total` rows."""
+    rank, world = dist_rank_world()
+    if world == 1:
+        return local
+    per_rank = math.ceil(total / world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat(gathered)[:total]
+
+
+@torch.no_grad()
+def extract_features(model, images, batch_size=100, device="cpu", progress=True, description="features"):
+    """Run `model` (FIDInceptionV3 or the reference classifier: uint8 NCHW -> dict of (n, D) features) over an image
+    source. Under torchrun each rank takes one contiguous block of images; results are gathered in order, so they
+    do not depend on the number of ranks. Returns a dict of float32 numpy arrays (N, D)."""
+    from tqdm import tqdm
+    rank, world = dist_rank_world()
+    total = len(images)
+    per_rank = math.ceil(total / world)
+    begin, end = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # full float32 convolutions
+    outputs = {}
+    try:
+        bar = tqdm(total=total, desc=description, unit="img", disable=not progress or rank != 0, file=sys.stderr)
+        for start in range(begin, end, batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images.read(start, min(start + batch_size, end))))
+            batch = batch.to(device).permute(0, 3, 1, 2)                        # (n, 3, H, W) uint8
+            for key, value in model(batch).items():
+                outputs.setdefault(key, []).append(value.float())
+            bar.update(len(batch) * world)
+        bar.close()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    if not outputs:                    # a rank without images still has to join the gather with the right shapes
+        probe = model(torch.from_numpy(np.ascontiguousarray(images.read(0, 1))).to(device).permute(0, 3, 1, 2))
+        outputs = {key: [value.float()[:0]] for key, value in probe.items()}
+    return {key: all_gather_rows(torch.cat(chunks), total).cpu().numpy() for key, chunks in outputs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The metrics
+# ----------------------------------------------------------------------------------------------------------------
+def gaussian_statistics(features):
+    """Mean (D,) and unbiased covariance (D, D), float64, of features (N, D)."""
+    features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise MetricsError(f"need at least 2 images for a covariance, got {len(features)}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _sqrtm(matrix):
+    """scipy's sqrtm; `disp` is deprecated in SciPy 1.17 (a tuple is returned when it is passed), so we never pass
+    it and accept both return forms. Singular-matrix warnings are handled by the caller (eps retry)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        result = linalg.sqrtm(matrix)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), computed like pytorch-fid and the ADM evaluator:
+    scipy sqrtm; if it is not finite, retry with eps*I added to both covariances; an imaginary part is an error
+    unless the diagonal's is within 1e-3 of 0, and is then dropped."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise MetricsError(f"statistics have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]} (were both "
+                           f"computed from the same layer, e.g. 2048-d pool_3?)")
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"Frechet distance: singular product of covariances; adding {eps} to their diagonals")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, split_size=IS_SPLIT_SIZE):
+    """Inception Score, ADM convention: p(y|x) = softmax(logits) (N, C), consecutive chunks of `split_size`
+    images (the last one may be shorter), IS_chunk = exp(mean_x KL(p(y|x) || mean_x p(y|x))), mean over chunks.
+    Computed in float64 from log-probabilities, with 0 log 0 = 0."""
+    log_p = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=1)
+    scores = []
+    for start in range(0, len(log_p), split_size):
+        chunk_log_p = log_p[start:start + split_size]
+        chunk_p = chunk_log_p.exp()
+        log_marginal = torch.logsumexp(chunk_log_p, dim=0) - math.log(len(chunk_log_p))         # (C,)
+        kl = torch.where(chunk_p > 0, chunk_p * (chunk_log_p - log_marginal), torch.zeros_like(chunk_p)).sum(1)
+        scores.append(math.exp(kl.mean().item()))
+    return float(np.mean(scores))
+
+
+def _squared_distances(a, b):
+    """(n, D), (m, D) -> (n, m) squared Euclidean distances |a|^2 - 2 a.b + |b|^2, clamped at 0 (as ADM)."""
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]).clamp_(min=0)
+
+
+def _row_blocks(n_rows, n_cols, budget=1 << 25):
+    rows = max(1, budget // max(1, n_cols))
+    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+
+
+def manifold_radii(features, k=PR_NEIGHBOURS):
+    """Squared distance of each point to its k-th nearest neighbour in the same set, excluding itself
+    (ADM: index k of the partitioned squared distances, index 0 being the self-distance). (N, D) -> (N,)."""
+    if len(features) <= k:
+        raise MetricsError(f"precision/recall with k={k} needs more than {k} images per set, got {len(features)}")
+    return torch.cat([_squared_distances(features[a:b], features).kthvalue(k + 1, dim=1).values
+                      for a, b in _row_blocks(len(features), len(features))])
+
+
+def _inside_manifold(points, centres, radii):
+    """(N,) bool: point i lies in some ball {x : |x - centre_j|^2 <= radius_j} (radii squared)."""
+    return torch.cat([(_squared_distances(points[a:b], centres) <= radii[None, :]).any(dim=1)
+                      for a, b in _row_blocks(len(points), len(centres))])
+
+
+def precision_recall(real_features, fake_features, k=PR_NEIGHBOURS, device="cpu"):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with ADM's conventions, float64:
+    precision = fraction of fake points inside the k-NN manifold of the real ones, recall = the converse."""
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64, device=device)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64, device=device)
+    precision = _inside_manifold(fake, real, manifold_radii(real, k)).double().mean().item()
+    recall = _inside_manifold(real, fake, manifold_radii(fake, k)).double().mean().item()
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics of an input, saving them, and the full evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def input_statistics(source, model, batch_size=100, device="cpu", progress=True, need_features=True):
+    """Everything the metrics need about one input: mu, sigma, mu_s, sigma_s (precomputed ones win: an ADM
+    reference batch's statistics describe the whole data set, its arr_0 only a 10k subset) and pool_features /
+    logits (N, D) float32 when `need_features`. Missing entries are left out."""
+    stats = dict(source.stats)
+    wants_features = need_features and not {"pool_features", "logits"} <= set(stats)
+    if source.images is not None and ("mu" not in stats or wants_features):
+        features = extract_features(model, source.images, batch_size, device, progress, Path(source.name).name)
+        stats.setdefault("pool_features", features["pool"])
+        stats.setdefault("logits", features["logits"])
+        if "mu" not in stats:
+            stats["mu"], stats["sigma"] = gaussian_statistics(features["pool"])
+        if "mu_s" not in stats:
+            stats["mu_s"], stats["sigma_s"] = gaussian_statistics(features["spatial"])
+    if "mu" not in stats and "pool_features" in stats:
+        stats["mu"], stats["sigma"] = gaussian_statistics(stats["pool_features"])
+    return stats
+
+
+def save_statistics(path, stats, resize):
+    """Write a statistics file (keys: see the module docstring)."""
+    arrays = {key: stats[key] for key in STATS_KEYS if key in stats}
+    np.savez(path, resize=np.array(resize), **arrays)
+
+
+def evaluate(samples, reference, model, batch_size=100, device="cpu", progress=True):
+    """All metrics computable from two EvalInputs, in print order: FID, sFID, IS, Precision, Recall.
+    Returns (metrics dict, list of notes about metrics that could not be computed)."""
+    sample_stats = input_statistics(samples, model, batch_size, device, progress)
+    reference_stats = input_statistics(reference, model, batch_size, device, progress)
+    metrics, notes = {}, []
+    if "mu" in sample_stats and "mu" in reference_stats:
+        metrics["FID"] = frechet_distance(sample_stats["mu"], sample_stats["sigma"],
+                                          reference_stats["mu"], reference_stats["sigma"])
+    else:
+        notes.append("FID skipped: no pool_3 statistics for " + (samples if "mu" not in sample_stats else reference).name)
+    if "mu_s" in sample_stats and "mu_s" in reference_stats:
+        metrics["sFID"] = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"],
+                                           reference_stats["mu_s"], reference_stats["sigma_s"])
+    else:
+        notes.append("sFID skipped: no spatial statistics (mu_s, sigma_s) for "
+                     + (samples if "mu_s" not in sample_stats else reference).name)
+    if "logits" in sample_stats:
+        metrics["IS"] = inception_score(sample_stats["logits"])
+    else:
+        notes.append(f"IS skipped: no logits for {samples.name}")
+    if "pool_features" in sample_stats and "pool_features" in reference_stats:
+        metrics["Precision"], metrics["Recall"] = precision_recall(
+            reference_stats["pool_features"], sample_stats["pool_features"], device=device)
+    else:
+        notes.append("Precision/Recall skipped: no per-image pool features (images, arr_0 or pool_features) for "
+                     + (samples if "pool_features" not in sample_stats else reference).name)
+    return metrics, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedded data set mode: a small reference classifier instead of Inception
+# ----------------------------------------------------------------------------------------------------------------
+CLASSIFIER_VERSION = "v1"
+
+
+def default_cache_dir():
+    return Path(os.environ.get("EPG_CACHE") or Path.home() / ".cache" / "epg")
+
+
+class ReferenceClassifier(nn.Module):
+    """A small CNN for the embedded data set (10 classes). forward(images) -> (features (N, 128), logits (N, 10)).
+
+    images: (N, 3, H, W), either uint8 in [0, 255] or float in [0, 1]. It is size-agnostic (global average pool)
+    but trained at one image size. The features (penultimate layer) are what FD_ref compares.
+    """
+
+    def __init__(self, num_classes=10, width=32, feature_dim=128):
+        super().__init__()
+
+        def conv(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.body = nn.Sequential(
+            *conv(3, width), *conv(width, width), nn.MaxPool2d(2),
+            *conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2),
+            *conv(2 * width, feature_dim), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, images):
+        x = images.float() / 255 if images.dtype == torch.uint8 else images
+        features = self.body(2 * x - 1)
+        return features, self.head(features)
+
+
+class _ClassifierFeatures(nn.Module):
+    """Adapter giving the classifier extract_features' interface: uint8 NCHW -> dict of features/logits."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images_uint8):
+        features, logits = self.classifier(images_uint8)
+        return {"features": features, "logits": logits}
+
+
+def reference_classifier(image_size, device="cpu", cache_dir=None):
+    raise NotImplementedError
+
+
+def embedded_metrics(images_uint8_nhwc, labels=None, image_size=None, device="cpu"):
+    raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="FID, sFID, Inception Score and precision/recall (ADM / pytorch-fid compatible), or "
+                    "reference-classifier metrics for the embedded data set (--embedded).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("samples", metavar="SAMPLES",
+                        help="generated images: a folder of png/jpg, an npz with arr_0 (N,H,W,3) uint8 "
+                             "(+ optional arr_1 labels), or a statistics file from --save-stats")
+    parser.add_argument("reference", metavar="REFERENCE", nargs="?",
+                        help="reference: an ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0), a statistics "
+                             "file, a sample-style npz or a folder; not used with --save-stats / --embedded")
+    parser.add_argument("--inception", metavar="PATH", default=None,
+                        help=f"Inception weights ({INCEPTION_FILENAME}); default: $EPG_INCEPTION, else "
+                             f"torch.hub.get_dir()/checkpoints/{INCEPTION_FILENAME}. Never downloaded")
+    parser.add_argument("--batch-size", type=int, default=100, help="images per forward pass (per rank)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available; "
+                                                       "under torchrun cuda:LOCAL_RANK)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default="tf",
+                        help="tf: TF1 bilinear resize of [0,255] input, (x-128)/128, as the ADM evaluator / "
+                             "torch-fidelity; pytorch-fid: F.interpolate on [0,1] input, 2x-1, as pytorch-fid")
+    parser.add_argument("--save-stats", metavar="OUT.npz", default=None,
+                        help="write the statistics of SAMPLES (mu, sigma, mu_s, sigma_s, pool_features, logits) "
+                             "to OUT.npz instead of comparing with a REFERENCE")
+    parser.add_argument("--embedded", action="store_true",
+                        help="reference-classifier metrics for the embedded shapes data set (FD_ref, class "
+                             "accuracy); needs no Inception weights, NOT comparable to Inception FID")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="--embedded: image size of the reference classifier (default: that of SAMPLES)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="--embedded: where the reference classifier is cached (default: $EPG_CACHE or ~/.cache/epg)")
+    parser.add_argument("--out", metavar="metrics.json", default=None, help="also write the metrics as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if args.save_stats and args.embedded:
+        parser.error("--save-stats and --embedded do not go together")
+    if not args.save_stats and not args.embedded and args.reference is None:
+        parser.error("give a REFERENCE (e.g. an ADM reference batch), or --save-stats OUT.npz, or --embedded")
+    return args
+
+
+def setup_device(device):
+    """Initialise torch.distributed under torchrun (WORLD_SIZE > 1) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl")
+            return torch.device("cuda", local_rank)
+        dist.init_process_group("gloo")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def report(metrics, out_path, labels):
+    for name, value in metrics.items():
+        print(f"{labels.get(name, name)}: {value:.6f}" if isinstance(value, float) else f"{labels.get(name, name)}: {value}")
+    if out_path:
+        Path(out_path).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def run(args):
+    device = setup_device(args.device)
+    rank, _ = dist_rank_world()
+    progress = not args.no_progress
+    samples = open_input(args.samples)
+    if args.embedded:
+        if samples.images is None:
+            raise MetricsError(f"--embedded needs images; '{args.samples}' holds only statistics")
+        if rank == 0 and samples.labels is None:
+            print("note: no labels (arr_1) in SAMPLES, class accuracy skipped", file=sys.stderr)
+        images = samples.images.read(0, len(samples.images))
+        metrics = embedded_metrics(images, samples.labels, args.image_size, device, cache_dir=args.cache_dir)
+        if rank == 0:
+            report(metrics, args.out, EMBEDDED_LABELS)
+        return
+    model = load_inception(args.inception, device, args.resize)
+    if args.save_stats:
+        if samples.images is None:
+            raise MetricsError(f"'{args.samples}' already holds statistics and no images; nothing to compute")
+        stats = input_statistics(samples, model, args.batch_size, device, progress)
+        if rank == 0:
+            save_statistics(args.save_stats, stats, args.resize)
+            print(f"statistics of {len(samples.images)} images written to {args.save_stats}", file=sys.stderr)
+        return
+    reference = open_input(args.reference)
+    for source in (samples, reference):
+        if rank == 0 and source.resize not in (None, args.resize):
+            print(f"warning: '{source.name}' was computed with --resize {source.resize}, this run uses "
+                  f"--resize {args.resize}", file=sys.stderr)
+    metrics, notes = evaluate(samples, reference, model, args.batch_size, device, progress)
+    if rank == 0:
+        for note in notes:
+            print("note: " + note, file=sys.stderr)
+        report(metrics, args.out, {})
+
+
+EMBEDDED_LABELS = {
+    "fd_ref": "FD_ref (reference classifier, NOT comparable to Inception FID)",
+    "class_acc": "Class accuracy",
+    "val_acc": "Reference classifier val accuracy",
+}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except MetricsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Shared test helpers: the repository root on sys.path and a torchrun launcher for CPU (gloo) multi-process tests."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, script, *args, timeout=300, env=None):
+    """Run `torchrun --nproc_per_node=nproc script args` on CPU (gloo) from the repository root; returns the result."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", script, *map(str, args)]
+    return subprocess.run(cmd, env=env, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+
+
+@pytest.fixture
+def run_torchrun():
+    return torchrun

@@ -1,0 +1,488 @@
+"""Tests for data.py: normalisation, embedded data, image folders, augmentations, the batch stream, ADM crop, CLI.
+
+Every expectation comes from a closed form, a brute-force computation or an invariant, never from data.py's own output.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", data.NORMALIZATIONS)
+def test_normalize_denormalize_are_inverse(mode):
+    x = torch.rand(4, 3, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(data.denormalize(data.normalize(x, mode), mode), x, rtol=0, atol=1e-12)
+    y = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(data.normalize(data.denormalize(y, mode), mode), y, rtol=0, atol=1e-6)
+
+
+def test_normalize_closed_forms():
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(data.normalize(x, "simple"), 2 * x - 1)
+    expected = (x.numpy() - MEAN[:, None, None]) / (2 * STD[:, None, None])
+    np.testing.assert_allclose(data.normalize(x, "imagenet").numpy(), expected, atol=1e-12)
+    # per channel: the ImageNet mean maps to 0 and mean + 2 std to 1 (zero mean, std 0.5 = sigma_data)
+    mean_image = torch.tensor(MEAN).view(3, 1, 1).expand(3, 2, 2)
+    np.testing.assert_allclose(data.normalize(mean_image, "imagenet").numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(data.normalize(mean_image + torch.tensor(2 * STD).view(3, 1, 1), "imagenet").numpy(),
+                               1.0, atol=1e-12)
+    with pytest.raises(data.DataError, match="simple"):
+        data.normalize(x, "nope")
+
+
+def test_data_range_closed_form():
+    lo, hi = data.data_range("simple")
+    assert lo.shape == hi.shape == (3,)
+    np.testing.assert_allclose(lo.numpy(), -1.0)
+    np.testing.assert_allclose(hi.numpy(), 1.0)
+    lo, hi = data.data_range("imagenet")
+    np.testing.assert_allclose(lo.numpy(), -MEAN / (2 * STD), rtol=1e-6)
+    np.testing.assert_allclose(hi.numpy(), (1 - MEAN) / (2 * STD), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", data.NORMALIZATIONS)
+def test_to_uint8_hwc_roundtrips_every_pixel_value_and_clamps(mode):
+    values = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([values, values[::-1], np.roll(values, 7)]).reshape(3, 16, 16)[None]  # (1, 3, 16, 16)
+    x = data.normalize(torch.from_numpy(pixels).double() / 255.0, mode).float()
+    out = data.to_uint8_hwc(x, mode)
+    assert out.dtype == np.uint8 and out.shape == (1, 16, 16, 3)
+    np.testing.assert_array_equal(out, pixels.transpose(0, 2, 3, 1))
+    lo, hi = data.data_range(mode)
+    beyond = torch.stack([lo - 1.0, hi + 1.0]).view(1, 2, 3).permute(0, 2, 1).unsqueeze(-1)  # (1, 3, 2, 1)
+    np.testing.assert_array_equal(data.to_uint8_hwc(beyond, mode)[0, :, 0, :], [[0, 0, 0], [255, 255, 255]])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embedded data set
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_embedded_shapes_deterministic_balanced_and_split_dependent():
+    train = data.EmbeddedShapes("train", image_size=32, seed=0)
+    assert len(train) == 50_000 and len(data.EmbeddedShapes("val")) == 1_000
+    assert train.num_classes == 10 and len(train.classes) == 10 == len(set(train.classes))
+    image, label = train[123]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and isinstance(label, int)
+    again = data.EmbeddedShapes("train", image_size=32, seed=0)[123][0]
+    assert torch.equal(image, again)
+    assert not torch.equal(image, data.EmbeddedShapes("train", image_size=32, seed=1)[123][0])
+    val = data.EmbeddedShapes("val", image_size=32, seed=0)
+    assert all(not torch.equal(train[i][0], val[i][0]) for i in range(20))
+    counts = Counter(val[i][1] for i in range(len(val)))
+    assert sorted(counts) == list(range(10)) and set(counts.values()) == {100}
+    assert len({bytes(train[i][0].numpy()) for i in range(200)}) == 200  # no repeated images
+
+
+@pytest.mark.parametrize("size", [8, 17, 48, 96])
+def test_embedded_shapes_any_resolution(size):
+    image, _ = data.EmbeddedShapes(image_size=size)[5]
+    assert image.shape == (3, size, size) and image.dtype == torch.uint8
+    assert image.float().std() > 5  # something is drawn
+
+
+def test_embedded_shapes_fast_enough():
+    dataset = data.EmbeddedShapes(image_size=32, length=1000)
+    start = time.perf_counter()
+    for i in range(len(dataset)):
+        dataset[i]
+    assert time.perf_counter() - start < 4.0  # spec: well under 1-2 s on one core; slack for a loaded CI box
+
+
+def test_embedded_shapes_class_is_not_given_away_by_colour():
+    """A nearest-class-mean classifier on mean image colour stays near chance (10 %): the class is in the shape."""
+    train = data.EmbeddedShapes("train", image_size=32, length=2000)
+    val = data.EmbeddedShapes("val", image_size=32, length=500)
+
+    def features(ds):
+        x = torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255
+        labels = torch.tensor([ds[i][1] for i in range(len(ds))])
+        return x, labels
+
+    (xt, yt), (xv, yv) = features(train), features(val)
+    colour_t, colour_v = xt.mean((2, 3)), xv.mean((2, 3))
+    centroids = torch.stack([colour_t[yt == c].mean(0) for c in range(10)])
+    colour_accuracy = (torch.cdist(colour_v, centroids).argmin(1) == yv).float().mean()
+    assert colour_accuracy < 0.25  # colour is not a shortcut to the class
+    assert (xt.view(len(xt), -1).std(0).mean() > 0.1)  # images vary a lot
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image folders
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _make_folder(root, size=16):
+    """classes 'apple' and 'bird' with RGB/gray/RGBA/CMYK/palette images and one corrupt file."""
+    rng = np.random.default_rng(0)
+    (root / "bird").mkdir(parents=True)
+    (root / "apple").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "apple" / "a_rgb.png")
+    Image.new("L", (size, size), 77).save(root / "apple" / "b_gray.jpg", quality=100)
+    Image.new("RGBA", (size, size), (10, 200, 30, 0)).save(root / "apple" / "c_rgba.png")
+    (root / "apple" / "d_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    Image.new("CMYK", (size, size), (0, 0, 0, 0)).save(root / "bird" / "e_cmyk.JPEG", quality=100)
+    palette = Image.new("P", (size, size), 1)
+    palette.putpalette([0, 0, 0, 250, 20, 20] + [0] * 762)
+    palette.save(root / "bird" / "f_palette.png")
+    (root / "bird" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_image_folder_labels_modes_and_corrupt_files(tmp_path, capsys):
+    folder = data.ImageFolder(_make_folder(tmp_path / "imgs"), 16)
+    assert folder.classes == ["apple", "bird"] and folder.num_classes == 2
+    assert len(folder) == 6
+    names = [folder.path(i).name for i in range(len(folder))]
+    assert names == ["a_rgb.png", "b_gray.jpg", "c_rgba.png", "d_corrupt.png", "e_cmyk.JPEG", "f_palette.png"]
+    labels = [folder[i][1] for i in range(len(folder))]
+    assert labels == [0, 0, 0, 1, 1, 1]  # the corrupt item (3) is replaced by the next one, a bird
+    for i in range(len(folder)):
+        image, _ = folder[i]
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
+    gray = folder[1][0]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2]) and abs(gray.float().mean() - 77) < 2
+    assert torch.equal(folder[2][0][:, 0, 0], torch.tensor([10, 200, 30], dtype=torch.uint8))
+    assert (folder[4][0].float().mean() > 250)  # CMYK (0, 0, 0, 0) is white
+    assert torch.equal(folder[5][0][:, 0, 0], torch.tensor([250, 20, 20], dtype=torch.uint8))
+    image, label, skipped = folder.load_item(3)
+    assert skipped == 1 and label == 1 and torch.equal(image, folder[4][0])
+    assert folder.load_item(0)[2] == 0
+    assert "d_corrupt.png" in capsys.readouterr().err
+
+
+def test_batch_stream_counts_corrupt_files(tmp_path):
+    folder = data.ImageFolder(_make_folder(tmp_path / "imgs"), 16)
+    stream = data.BatchStream(folder, global_batch=6, views="pretrain")
+    batch = next(iter(stream))  # one step = one epoch: each index exactly once, the corrupt one included
+    assert batch["num_corrupt"] == 1 and stream.num_corrupt == 1
+    assert batch["view1"].shape == (6, 3, 16, 16) and batch["label"].dtype == torch.int64
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.ImageFolder(tmp_path / "missing", 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no class sub-folders"):
+        data.ImageFolder(tmp_path / "empty", 16)
+    (tmp_path / "no_images" / "cls").mkdir(parents=True)
+    (tmp_path / "no_images" / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(data.DataError, match="no images"):
+        data.ImageFolder(tmp_path / "no_images", 16)
+    (tmp_path / "big" / "cls").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "big" / "cls" / "x.png")
+    with pytest.raises(data.DataError, match="python data.py prepare"):
+        data.ImageFolder(tmp_path / "big", 16)
+
+
+def test_build_dataset(tmp_path):
+    assert isinstance(data.build_dataset(None, 32), data.EmbeddedShapes)
+    assert data.build_dataset(None, 32, split="val").split == "val"
+    for split in ("train", "val"):
+        (tmp_path / "layout" / split / "cls").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "layout" / split / "cls" / "x.png")
+    assert data.build_dataset(tmp_path / "layout", 8).root == tmp_path / "layout" / "train"
+    assert data.build_dataset(tmp_path / "layout", 8, split="val").root == tmp_path / "layout" / "val"
+    flat = tmp_path / "layout" / "train"
+    assert data.build_dataset(flat, 8).root == flat
+    assert data.build_dataset(flat, 8, split="val", val_dir=tmp_path / "layout" / "val").root.name == "val"
+    with pytest.raises(data.DataError, match="validation"):
+        data.build_dataset(flat, 8, split="val")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Augmentations
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _colourful(size=32):
+    return data.EmbeddedShapes(image_size=size)[3][0]
+
+
+@pytest.mark.parametrize("mode", data.NORMALIZATIONS)
+def test_augmentation_shapes_ranges_and_determinism(mode):
+    img = _colourful()
+    lo, hi = (t.view(3, 1, 1) for t in data.data_range(mode))
+    global_state = torch.get_rng_state()
+    views = data.pretrain_views(img, torch.Generator().manual_seed(5), mode)
+    assert len(views) == 3
+    for v in views:
+        assert v.dtype == torch.float32 and v.shape == (3, 32, 32)
+        assert (v >= lo - 1e-6).all() and (v <= hi + 1e-6).all()
+    again = data.pretrain_views(img, torch.Generator().manual_seed(5), mode)
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+    clean01 = data.denormalize(views[0], mode)
+    original01 = img.double() / 255
+    assert torch.allclose(clean01.double(), original01, atol=1e-6) or \
+        torch.allclose(clean01.double(), original01.flip(-1), atol=1e-6)
+    fine = data.finetune_view(img, torch.Generator().manual_seed(1), mode)
+    assert fine.shape == (3, 32, 32)
+    assert torch.allclose(data.denormalize(fine, mode).double(), original01, atol=1e-6) or \
+        torch.allclose(data.denormalize(fine, mode).double(), original01.flip(-1), atol=1e-6)
+    assert torch.equal(torch.get_rng_state(), global_state)  # the global RNG is never used
+
+
+def test_finetune_flip_probability():
+    img = _colourful()
+    flips = sum(not torch.equal(data.finetune_view(img, torch.Generator().manual_seed(s)), data.normalize(img / 255.0))
+                for s in range(400))
+    assert 160 < flips < 240  # 0.5 +- 4 standard deviations
+
+
+def test_moco_view_probabilities_and_parameters(monkeypatch):
+    """Count the calls of each operation per view: rates must match MoCo v3's probabilities (paper Table 10)."""
+    calls = Counter()
+    current = {"view": None}
+    originals = {name: getattr(data.TF, name) for name in ("solarize", "rgb_to_grayscale", "adjust_hue",
+                                                           "resized_crop")}
+    recorded = {"sigma": [], "area": [], "aspect": []}
+
+    def counting(name):
+        def wrapper(img, *args, **kwargs):
+            calls[current["view"], name] += 1
+            if name == "solarize":
+                assert img.dtype == torch.uint8 and args[0] == 128  # threshold 128 of 255
+            if name == "resized_crop":
+                top, left, h, w = args[:4]
+                recorded["area"].append(h * w / (img.shape[-2] * img.shape[-1]))
+                recorded["aspect"].append(w / h)
+            return originals[name](img, *args, **kwargs)
+        return wrapper
+
+    for name in originals:
+        monkeypatch.setattr(data.TF, name, counting(name))
+    real_blur = data._gaussian_blur
+
+    def counting_blur(img, sigma):
+        calls[current["view"], "gaussian_blur"] += 1
+        recorded["sigma"].append(sigma)
+        return real_blur(img, sigma)
+
+    monkeypatch.setattr(data, "_gaussian_blur", counting_blur)
+    real_view = data._moco_view
+
+    def tagged_view(img, generator, blur_p, solarize_p):
+        current["view"] = "view2" if solarize_p > 0 else "view1"
+        return real_view(img, generator, blur_p, solarize_p)
+
+    monkeypatch.setattr(data, "_moco_view", tagged_view)
+    img, draws = _colourful(32), 1000
+    for seed in range(draws):
+        data.pretrain_views(img, torch.Generator().manual_seed(seed))
+
+    def rate(view, name):
+        return calls[view, name] / draws
+
+    tolerance = lambda p: 4 * math.sqrt(p * (1 - p) / draws) + 1e-9
+    for view, blur, solarize in (("view1", 1.0, 0.0), ("view2", 0.1, 0.2)):
+        assert abs(rate(view, "resized_crop") - 1.0) < 1e-9
+        assert abs(rate(view, "adjust_hue") - 0.8) < tolerance(0.8)  # colour jitter applies all four adjustments
+        assert abs(rate(view, "rgb_to_grayscale") - 0.2) < tolerance(0.2)
+        assert abs(rate(view, "gaussian_blur") - blur) < tolerance(blur)
+        assert abs(rate(view, "solarize") - solarize) < tolerance(solarize)
+    sigma = np.array(recorded["sigma"])
+    assert sigma.min() >= 0.1 * 32 / 224 - 1e-9 and sigma.max() <= 2.0 * 32 / 224 + 1e-9
+    area, aspect = np.array(recorded["area"]), np.array(recorded["aspect"])
+    assert area.min() > 0.05 and area.max() <= 1.0 and area.mean() < 0.75  # scale (0.08, 1) up to pixel rounding
+    assert aspect.min() > 0.6 and aspect.max() < 1.6
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.4, 1.3, 2.28])
+def test_separable_blur_matches_torchvision(sigma):
+    img = data.EmbeddedShapes(image_size=40)[7][0]
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    reference = data.TF.gaussian_blur(img, [max(3, kernel)] * 2, [sigma, sigma]).int()
+    assert (data._gaussian_blur(img, sigma).int() - reference).abs().max() <= 1
+
+
+def test_grayscale_views_are_gray_at_the_expected_rate():
+    img, draws, gray = _colourful(32), 500, Counter()
+    for seed in range(draws):
+        _, view1, view2 = data.pretrain_views(img, torch.Generator().manual_seed(seed))
+        for name, v in (("view1", view1), ("view2", view2)):
+            pixels = data.to_uint8_hwc(v[None])
+            gray[name] += bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+    for name in ("view1", "view2"):
+        assert abs(gray[name] / draws - 0.2) < 4 * math.sqrt(0.16 / draws)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batch stream
+# ---------------------------------------------------------------------------------------------------------------------
+
+class IndexImages(torch.utils.data.Dataset):
+    """Item i is an image whose pixels encode i (so batches reveal which items they hold) with label i % 3."""
+
+    def __init__(self, n, size=8):
+        self.n, self.size = n, size
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        image = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        image[0], image[1] = i % 256, i // 256
+        image[2, :, : self.size // 2] = 255  # left half marked, so a flip is visible
+        return image, i % 3
+
+
+def _take(stream, steps):
+    iterator = iter(stream)
+    return [next(iterator) for _ in range(steps)]
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if torch.is_tensor(x[key]):
+                assert torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+def test_batch_stream_every_item_once_per_epoch():
+    n, batch = 24, 6
+    stream = data.BatchStream(IndexImages(n), global_batch=batch, views="finetune")
+    seen = []
+    for step in _take(stream, 3 * n // batch):
+        pixels = data.to_uint8_hwc(step["image"])
+        seen += (pixels[:, 0, 0, 0].astype(int) + 256 * pixels[:, 0, 0, 1].astype(int)).tolist()
+    epochs = [seen[k * n:(k + 1) * n] for k in range(3)]
+    assert all(sorted(e) == list(range(n)) for e in epochs)
+    assert epochs[0] != epochs[1]  # a fresh permutation each epoch
+    assert stream.step == 3 * n // batch
+
+
+@pytest.mark.parametrize("views", ["pretrain", "finetune"])
+def test_batch_stream_ranks_concatenate_to_single_process(views):
+    dataset = data.EmbeddedShapes(image_size=16, length=50)
+    single = _take(data.BatchStream(dataset, 8, views=views, seed=3), 4)
+    ranks = [_take(data.BatchStream(dataset, 8, rank=r, world=2, views=views, seed=3), 4) for r in range(2)]
+    for step in range(4):
+        for key in single[step]:
+            if key == "num_corrupt":
+                continue
+            assert ranks[0][step][key].shape[0] == 4
+            assert torch.equal(torch.cat([ranks[0][step][key], ranks[1][step][key]]), single[step][key]), key
+
+
+def test_batch_stream_resume_matches_uninterrupted():
+    dataset = data.EmbeddedShapes(image_size=16, length=20)  # 7-item batches cross epoch boundaries
+    full = _take(data.BatchStream(dataset, 7, views="pretrain", seed=1), 6)
+    resumed = _take(data.BatchStream(dataset, 7, views="pretrain", seed=1, start_step=4), 2)
+    _assert_same_batches(full[4:], resumed)
+    stream = data.BatchStream(dataset, 7, views="pretrain", seed=1)
+    _take(stream, 3)
+    assert stream.step == 3
+    _assert_same_batches(full[3:5], _take(stream, 2))  # iterating again continues from .step
+    other_seed = _take(data.BatchStream(dataset, 7, views="pretrain", seed=2), 1)[0]
+    assert not torch.equal(other_seed["view1"], full[0]["view1"])
+
+
+def test_batch_stream_workers_match_in_process():
+    dataset = data.EmbeddedShapes(image_size=16, length=40)
+    in_process = _take(data.BatchStream(dataset, 8, views="pretrain", seed=4), 5)
+    with_workers = _take(data.BatchStream(dataset, 8, views="pretrain", seed=4, num_workers=2), 5)
+    _assert_same_batches(in_process, with_workers)
+
+
+def test_batch_stream_validation():
+    dataset = data.EmbeddedShapes(image_size=16, length=10)
+    with pytest.raises(data.DataError, match="divisible"):
+        data.BatchStream(dataset, 10, world=3)
+    with pytest.raises(data.DataError, match="positive"):
+        data.BatchStream(dataset, 0)
+    with pytest.raises(data.DataError, match="views"):
+        data.BatchStream(dataset, 4, views="both")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ADM center crop and the command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_adm_center_crop_exact_on_aligned_image():
+    """1024x512 white with a centred 256-px black square -> 128: two exact box halvings (to 256x128), no resize,
+    crop x 64..192: the square becomes the centred 64-px block 32..96."""
+    canvas = np.full((512, 1024, 3), 255, dtype=np.uint8)
+    canvas[128:384, 384:640] = 0
+    out = np.asarray(data.adm_center_crop(Image.fromarray(canvas), 128))
+    expected = np.full((128, 128, 3), 255, dtype=np.uint8)
+    expected[32:96, 32:96] = 0
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_adm_center_crop_keeps_centre_on_odd_sizes():
+    canvas = np.zeros((203, 301, 3), dtype=np.uint8)
+    canvas[91:112, 140:161] = 255  # centred bright square
+    out = np.asarray(data.adm_center_crop(Image.fromarray(canvas).convert("L"), 48)).astype(np.float64)
+    assert out.shape == (48, 48, 3)
+    weights = out[..., 0].clip(0)
+    ys, xs = np.mgrid[0:48, 0:48]
+    assert abs((weights * ys).sum() / weights.sum() - 23.5) < 0.6
+    assert abs((weights * xs).sum() / weights.sum() - 23.5) < 0.6
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_prepare_cli_writes_pngs_and_skips_on_rerun(tmp_path):
+    src = tmp_path / "src"
+    (src / "n01").mkdir(parents=True)
+    (src / "n02").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(src / "n01" / "n01_1.JPEG", quality=95)
+    Image.new("L", (20, 50), 9).save(src / "n02" / "n02_7.png")
+    (src / "n02" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    dst = tmp_path / "dst"
+    first = _run_cli("prepare", src, dst, "--image-size", 16, "--workers", 2)
+    assert first.returncode == 0, first.stderr
+    outputs = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png"))
+    assert outputs == ["n01/n01_1.png", "n02/n02_7.png"]
+    for path in dst.rglob("*.png"):
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size == (16, 16) and im.mode == "RGB"
+        assert path.stat().st_size > 16 * 16 * 3  # stored uncompressed (compress_level=0)
+    assert "broken.jpg" in first.stderr
+    stamps = {p: p.stat().st_mtime_ns for p in dst.rglob("*.png")}
+    second = _run_cli("prepare", src, dst, "--image-size", 16, "--workers", 0)
+    assert second.returncode == 0 and "skipped 2" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in dst.rglob("*.png")} == stamps
+    assert len(data.ImageFolder(dst, 16)) == 2
+
+
+def test_cli_help_errors_and_preview(tmp_path, capsys):
+    result = _run_cli("--help")  # one real process start; the rest runs main() in-process (torch imports are slow)
+    assert result.returncode == 0 and "prepare" in result.stdout and "preview" in result.stdout
+    for command, flags in (("prepare", ("--image-size", "--workers")), ("preview", ("--out", "--per-class"))):
+        with pytest.raises(SystemExit) as exit_info:
+            data.main([command, "--help"])
+        assert exit_info.value.code == 0
+        help_text = capsys.readouterr().out
+        assert all(flag in help_text for flag in flags)
+    assert data.main(["prepare", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "error:" in capsys.readouterr().err
+    out = tmp_path / "grid.png"
+    assert data.main(["preview", "--out", str(out), "--image-size", "16", "--per-class", "3"]) == 0
+    with Image.open(out) as grid:
+        assert grid.size == (3 * 18 + 2, 10 * 18 + 2)  # 2-px padding around 16-px tiles, one row per class
