@@ -314,6 +314,29 @@ def build_epg(name, image_size=256, num_classes=1000, decoder_dropout=0.0):
                cfg["dec_dim"], cfg["dec_heads"], num_classes, cfg["mlp_ratio"], decoder_dropout)
 
 
+def load_encoder_from_rcm(epg, rcm_state):
+    """Initialise `epg`'s encoder from an RCM state dict (§3.3: the projector is discarded; the decoder, class
+    embedding and width bridge stay freshly initialised).
+
+    Exactly the encoder tensors must transfer: any other missing key, or a shape mismatch (an RCM of another size or
+    resolution), raises ValueError naming the problem. Returns the list of transferred keys.
+    """
+    encoder_keys = {k for k in epg.state_dict() if k.startswith("encoder.")}
+    available = {k for k in rcm_state if k.startswith("encoder.")}
+    missing = sorted(encoder_keys - available)
+    unexpected = sorted(k for k in rcm_state if not (k.startswith("encoder.") or k.startswith("projector.")))
+    if missing or unexpected or available - encoder_keys:
+        raise ValueError(f"the RCM checkpoint does not match this model's encoder: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3] or sorted(available - encoder_keys)[:3]}")
+    own = epg.state_dict()
+    wrong = [f"{k} {tuple(rcm_state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(encoder_keys)
+             if rcm_state[k].shape != own[k].shape]
+    if wrong:
+        raise ValueError("the RCM checkpoint is for another model size or image size: " + "; ".join(wrong[:3]))
+    epg.load_state_dict({k: rcm_state[k] for k in encoder_keys}, strict=False)
+    return sorted(encoder_keys)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Counting: parameters and forward multiply-accumulates
 # ----------------------------------------------------------------------------------------------------------------

@@ -368,3 +368,33 @@ def progress(total, initial, enabled, desc):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
                 mininterval=2.0, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning (train_diffusion.py, train_consistency.py)
+# ----------------------------------------------------------------------------------------------------------------
+def build_finetune_model(args, num_classes, decoder_dropout=0.0, log=print):
+    """EPG-`args.model` for fine-tuning: the encoder from the RCM checkpoint `args.init` (projector dropped, §3.3)
+    or random (`args.from_scratch`, the Table 6 ablation); decoder, class embedding and width bridge fresh."""
+    import models
+    torch.manual_seed(args.seed)
+    model = models.build_epg(args.model, args.image_size, num_classes, decoder_dropout)
+    if args.from_scratch:
+        if args.init:
+            raise UserError("--init and --from-scratch exclude each other; pass one of them")
+        return model
+    if not args.init:
+        raise UserError("fine-tuning needs a pre-trained encoder: pass --init OUT/ckpt_last.pt of pretrain.py "
+                        "(or --from-scratch for the ablation without pre-training)")
+    state = load_checkpoint(args.init, stage="pretrain")
+    cfg = state["config"]
+    if cfg.get("model") != args.model or cfg.get("image_size") != args.image_size:
+        raise UserError(f"--init {args.init} holds RCM-{cfg.get('model')} at {cfg.get('image_size')}px, but "
+                        f"EPG-{args.model} at {args.image_size}px was asked for; pass --model {cfg.get('model')} "
+                        f"--image-size {cfg.get('image_size')} or another checkpoint")
+    try:
+        keys = models.load_encoder_from_rcm(model, state["model"])
+    except ValueError as e:
+        raise UserError(f"--init {args.init}: {e}") from None
+    log(f"initialised the encoder from {args.init} (step {state['step']}): {len(keys)} tensors")
+    return model

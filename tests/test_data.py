@@ -21,6 +21,17 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Per-image ops are tiny: intra-op threads only add overhead (and stall badly on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 

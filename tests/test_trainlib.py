@@ -1,0 +1,106 @@
+"""trainlib.py: atomic checkpoints, clear errors, batch arithmetic, schedules, EMA (closed forms and invariants)."""
+import math
+import os
+
+import pytest
+import torch
+
+import trainlib
+
+
+def test_checkpoint_roundtrip_weights_only(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    trainlib.save_checkpoint(path, {"stage": "diffusion", "config": {"model": "T"}, "step": 3,
+                                    "model": model.state_dict(), "optimizer": opt.state_dict()})
+    state = trainlib.load_checkpoint(path, stage="diffusion")          # weights_only=True inside
+    assert state["step"] == 3 and torch.equal(state["model"]["weight"], model.weight)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]                          # no temporary file left behind
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 1})
+    before = open(path, "rb").read()
+
+    def broken_save(obj, f):
+        f.write(b"partial garbage")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(trainlib.UserError, match="previous checkpoint is intact"):
+        trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 2})
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(trainlib.UserError, match="corrupt"):
+        trainlib.load_checkpoint(str(bad))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(1)}, foreign)
+    with pytest.raises(trainlib.UserError, match="not a checkpoint of this project"):
+        trainlib.load_checkpoint(str(foreign))
+    other = tmp_path / "pt.pt"
+    trainlib.save_checkpoint(str(other), {"stage": "pretrain", "config": {}, "step": 0})
+    with pytest.raises(trainlib.UserError, match="pretrain checkpoint"):
+        trainlib.load_checkpoint(str(other), stage="diffusion")
+    with pytest.raises(trainlib.UserError, match="does not exist"):
+        trainlib.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_split_batch():
+    assert trainlib.split_batch(1024, 8) == (128, 128, 1)
+    assert trainlib.split_batch(1024, 8, 32) == (128, 32, 4)
+    with pytest.raises(trainlib.UserError, match="not divisible by the world size"):
+        trainlib.split_batch(1000, 3)
+    with pytest.raises(trainlib.UserError, match="micro-batch"):
+        trainlib.split_batch(1024, 8, 48)
+
+
+def test_warmup_cosine_closed_form():
+    assert trainlib.warmup_cosine(0, 100, 1.0, warmup=10) == 0.0
+    assert trainlib.warmup_cosine(5, 100, 1.0, warmup=10) == 0.5
+    assert trainlib.warmup_cosine(10, 100, 1.0, warmup=10) == 1.0
+    assert trainlib.warmup_cosine(55, 100, 1.0, warmup=10) == pytest.approx(0.5)
+    assert trainlib.warmup_cosine(100, 100, 1.0, warmup=10) == pytest.approx(0.0, abs=1e-12)
+    assert trainlib.warmup_cosine(25, 100, 2.0) == pytest.approx(1 + math.cos(math.pi / 4))
+
+
+def test_ema_update_relation():
+    torch.manual_seed(0)
+    ema, model = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    e0 = ema.weight.detach().clone()
+    trainlib.ema_update(ema, model, 0.99)
+    assert torch.allclose(ema.weight, 0.99 * e0 + 0.01 * model.weight)
+
+
+def test_adamw_no_decay_groups():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = torch.nn.Parameter(torch.zeros(3))
+            self.lin = torch.nn.Linear(2, 2)
+    opt = trainlib.adamw(M(), 1e-4, (0.9, 0.999), 0.01, no_decay=("pos_embed",))
+    decays = sorted((g["weight_decay"], len(g["params"])) for g in opt.param_groups)
+    assert decays == [(0.0, 1), (0.01, 2)]
+
+
+def test_unwritable_output_dir_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(trainlib.UserError, match="not writable"):
+        trainlib.check_output_dir(str(blocker / "sub"))
+
+
+def test_step_generators_are_reproducible_and_distinct():
+    a = torch.randn(5, generator=trainlib.step_generator(0, 7, "cpu"))
+    b = torch.randn(5, generator=trainlib.step_generator(0, 7, "cpu"))
+    c = torch.randn(5, generator=trainlib.step_generator(0, 8, "cpu"))
+    d = torch.randn(5, generator=trainlib.step_generator(0, 7, "cpu", stream=1))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
