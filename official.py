@@ -1,0 +1,392 @@
+"""Load the authors' released checkpoints (RCM encoders, EPG generators) into our models.
+
+The official code (`rcm/vit.py`: `RCMViT` for pre-training, `EPGViT` for fine-tuning; `DMViT` in the first,
+inference-only release has the same parameter names) saves folders of plain PyTorch state dicts:
+
+    nnet.pth          online weights        (what the official fine-tuning reads from an RCM folder: --init)
+    nnet_ema.pth      EMA weights           (what the official sampler reads: --ckpt)
+    target_model.pth  pre-training momentum encoder (never picked automatically; pass the file to use it)
+
+Usage (the caller turns OfficialCheckpointError, a ValueError, into a one-line CLI error):
+
+    kind, config, state = load_official("EPG-XL-folder", prefer="ema")    # or a .pth file
+    model = build_model(config)                                            # our EPG / RCM of the inferred size
+    model.load_state_dict(state)                                           # strict: every tensor is filled
+    defaults = official_sampling(config)                                   # how the official sampler ran it
+
+Model size. Depths come from the block counts, widths from the tensor shapes, the patch size from the patch-embedding
+kernel, the image size from the positional-embedding length (2 extra tokens + (image/patch)^2 patches). The head counts
+are not stored in a state dict: they come from the matching entry of models.MODEL_CONFIGS (Tables 7 and 8; identical to
+the official configs), and a checkpoint that matches no entry is refused.
+
+Every conversion is a renaming (NAME_TABLE below): no tensor needs reordering, as argued next to the table.
+"""
+import math
+import os
+import re
+
+import torch
+
+import models
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official parameter names -> ours (`{i}` a block or layer index, `{p}` a parameter or buffer name), read from the
+# public official `rcm/vit.py`. Every conversion is a renaming:
+#
+# * qkv rows: the official attention splits the qkv output as (3, heads, head_dim) ('B L (K H D)'); ours views it as
+#   (3, heads, head_dim) too -> rows unchanged.
+# * output rows: the official unpatchify reads each token as (p1, p2, c) with c fastest; so does models.unpatchify
+#   -> rows of `out` unchanged. Patch embedding: the same Conv2d, tokens in the same raster order.
+# * adaLN chunks (shift, scale, gate) x (attention, MLP) and the skip concat [decoder stream ; encoder skip] are in
+#   the same order; every LayerNorm has eps 1e-5 and an affine; the MLP is fc1 -> exact GELU -> fc2 (our Sequential
+#   indices 0 and 2).
+# * time_embed is nn.Identity and the pre-training projector's ReLUs have no tensors: nothing to map.
+# ----------------------------------------------------------------------------------------------------------------
+NAME_TABLE = [
+    # shared ViT encoder (RCMViT and EPGViT)
+    ("patch_embed.proj.{p}", "encoder.patch_embed.{p}"),
+    ("cls_token", "encoder.cls_token"),
+    ("pos_embed", "encoder.pos_embed"),
+    ("blocks.{i}.norm1.{p}", "encoder.blocks.{i}.norm1.{p}"),
+    ("blocks.{i}.attn.qkv.{p}", "encoder.blocks.{i}.attn.qkv.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "encoder.blocks.{i}.attn.proj.{p}"),
+    ("blocks.{i}.norm2.{p}", "encoder.blocks.{i}.norm2.{p}"),
+    ("blocks.{i}.mlp.fc1.{p}", "encoder.blocks.{i}.mlp.0.{p}"),
+    ("blocks.{i}.mlp.fc2.{p}", "encoder.blocks.{i}.mlp.2.{p}"),
+    ("norm.{p}", "encoder.norm.{p}"),
+    # RCMViT only: the 3-layer projector (Linear 0, BN 1, ReLU 2, Linear 3, BN 4, ReLU 5, Linear 6), same indices
+    ("projection_head.{i}.{p}", "projector.{i}.{p}"),
+    # EPGViT only: class table, width bridge, decoder, head
+    ("class_embed.weight", "class_embed.weight"),
+    ("encoder_to_decoder.{p}", "enc_to_dec.{p}"),
+    ("decoder_blocks.{i}.skip_linear.{p}", "dec_blocks.{i}.skip_linear.{p}"),
+    ("decoder_blocks.{i}.skip_norm.{p}", "dec_blocks.{i}.skip_norm.{p}"),
+    ("decoder_blocks.{i}.norm1.{p}", "dec_blocks.{i}.norm1.{p}"),
+    ("decoder_blocks.{i}.attn.qkv.{p}", "dec_blocks.{i}.attn.qkv.{p}"),
+    ("decoder_blocks.{i}.attn.proj.{p}", "dec_blocks.{i}.attn.proj.{p}"),
+    ("decoder_blocks.{i}.norm2.{p}", "dec_blocks.{i}.norm2.{p}"),
+    ("decoder_blocks.{i}.mlp.fc1.{p}", "dec_blocks.{i}.mlp.0.{p}"),
+    ("decoder_blocks.{i}.mlp.fc2.{p}", "dec_blocks.{i}.mlp.2.{p}"),
+    ("decoder_blocks.{i}.adaLN_modulation.1.{p}", "dec_blocks.{i}.adaLN_modulation.1.{p}"),
+    ("out_norm.{p}", "out_norm.{p}"),
+    ("out.{p}", "out.{p}"),
+]
+
+# ----------------------------------------------------------------------------------------------------------------
+# How the official sampler runs a released generator (official `sample.py`, `rcm/rcm_denoiser.py`, configs).
+# Callers apply these by default for official checkpoints so that the released FIDs can be reproduced:
+#   normalize  "imagenet": data = (x - mean_IN) / (2 std_IN) (data.normalize mode), std="imagenet" in every
+#              released diffusion config; the unconditional consistency checkpoint (no class table, first-release
+#              config without `std`) used "simple" = 2x - 1.
+#   clamp      "official": the denoiser output is clamped to [-1, 1] in normalised space (narrower than the imagenet
+#              data range, so highlights are capped; our default clamps to data.data_range instead).
+#   null_class the unconditional label is index num_classes (1000 for ImageNet), the last class-table row: the same
+#              convention as models.EPG, so no relabelling.
+#   c_noise    official 1000 * 0.25 * ln(sigma~ + 1e-44) with sigma~ = s * sigma: our losses.c_noise is 250 ln sigma~;
+#              the 1e-44 is far below one ulp of the smallest sigma~ used (s * 0.002 = 0.008 at 256^2) in fp32
+#              and fp64, so both give bit-identical time inputs (tests/test_official.py checks this): no change.
+#   sampler    fp32, EMA weights, Heun over 32 shifted Karras points without a final sigma = 0, interval CFG on
+#              (0.19 s, 1.61 s]; the consistency model samples in one step from s * 80.
+# ----------------------------------------------------------------------------------------------------------------
+OFFICIAL_SAMPLING = dict(normalize="imagenet", clamp="official", null_class=1000, weights="ema", precision="fp32",
+                         sampler="heun", steps=32, cfg_interval=(0.19, 1.61), c_noise="250 ln sigma~ (unchanged)")
+
+# (model, image size) of each released generator -> (stage, guidance scale of the official sampling script or None)
+RELEASED_GENERATORS = {
+    ("XL", 256): ("diffusion", 2.5),      # EPG-XL/16, scripts/sample_dm_in256.sh
+    ("XXL", 256): ("diffusion", None),    # EPG-XXL/16, scale not published
+    ("G", 256): ("diffusion", None),      # EPG-G/16, scale not published
+    ("L", 512): ("diffusion", 3.2),       # EPG-L/32, scripts/sample_dm_in512.sh
+    ("L", 256): ("consistency", None),    # EPG-L/16 one-step consistency model
+}
+
+CHECKPOINT_FILES = {"ema": ("nnet_ema.pth", "nnet.pth"), "online": ("nnet.pth", "nnet_ema.pth")}
+
+
+class OfficialCheckpointError(ValueError):
+    """An official checkpoint that cannot be read or does not match our models (one-line message)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recognising and sizing an official state dict
+# ----------------------------------------------------------------------------------------------------------------
+def _template_regex(template):
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[A-Za-z_]+)")
+    return re.compile(pattern)
+
+
+_FORWARD = [(_template_regex(official), ours) for official, ours in NAME_TABLE]
+_BACKWARD = [(_template_regex(ours), official) for official, ours in NAME_TABLE]
+
+
+def _rename(name, rules):
+    for regex, template in rules:
+        match = regex.fullmatch(name)
+        if match:
+            return template.format(**match.groupdict())
+    return None
+
+
+def official_to_ours(name):
+    """Our parameter name for official parameter `name`, or None if the name is not in NAME_TABLE."""
+    return _rename(name, _FORWARD)
+
+
+def ours_to_official(name):
+    """The official name of our parameter `name` (inverse of official_to_ours)."""
+    return _rename(name, _BACKWARD)
+
+
+def _strip_module_prefix(sd):
+    """State dicts saved from a DistributedDataParallel wrapper carry 'module.' on every key; drop it."""
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def is_official_state_dict(sd):
+    """True if `sd` has the official key layout (top-level patch_embed.proj / pos_embed / cls_token of RCMViT or
+    EPGViT); False for our own state dicts (keys under encoder.) and our checkpoint files ("stage", "config", ...)."""
+    if not isinstance(sd, dict):
+        return False
+    sd = _strip_module_prefix(sd)
+    return all(isinstance(sd.get(k), torch.Tensor) for k in ("patch_embed.proj.weight", "pos_embed", "cls_token"))
+
+
+def _block_count(sd, prefix):
+    indices = {int(k[len(prefix):].split(".")[0]) for k in sd if re.match(re.escape(prefix) + r"\d+\.", k)}
+    return max(indices) + 1 if indices else 0
+
+
+def _shape(sd, key):
+    if key not in sd:
+        raise OfficialCheckpointError(f"official checkpoint lacks the tensor '{key}', so its model size cannot be "
+                                      f"inferred; it is incomplete or from another architecture")
+    return tuple(sd[key].shape)
+
+
+def _encoder_signature(name):
+    cfg = models.model_config(name)
+    return cfg["depth"], cfg["enc_dim"], cfg["enc_heads"], cfg["tokens_per_side"]
+
+
+def infer_official_config(sd):
+    """Model size of an official state dict, from its tensor shapes.
+
+    Returns dict(kind "rcm" | "epg", model (a models.MODEL_CONFIGS name), image_size, patch_size,
+    num_classes (EPG: rows of the class table - 1, i.e. the null index; 0 for an unconditional model without a class
+    table; None for RCM), proj_dim (RCM projector output; None for EPG, or for an RCM saved without projector),
+    depth, enc_dim, dec_dim, encoder_of (our model names whose encoder this checkpoint's encoder fits, for --init)).
+    Raises OfficialCheckpointError if `sd` is not official or matches none of our configurations.
+    """
+    if not is_official_state_dict(sd):
+        raise OfficialCheckpointError("not an official EPG/RCM state dict (no top-level patch_embed.proj.weight, "
+                                      "pos_embed and cls_token)")
+    sd = _strip_module_prefix(sd)
+    patch_shape = _shape(sd, "patch_embed.proj.weight")                   # (D_enc, 3, p, p)
+    if len(patch_shape) != 4 or patch_shape[1] != 3 or patch_shape[2] != patch_shape[3]:
+        raise OfficialCheckpointError(f"official patch embedding has shape {patch_shape}; expected (D, 3, p, p)")
+    enc_dim, patch_size = patch_shape[0], patch_shape[2]
+    cls_shape, pos_shape = _shape(sd, "cls_token"), _shape(sd, "pos_embed")  # (1, 1, D), (1, 2 + N, D)
+    if len(cls_shape) != 3 or cls_shape[1] != 1:
+        raise OfficialCheckpointError(f"official cls_token has shape {cls_shape}: our models have exactly one [CLS] "
+                                      f"token (official tokens=1)")
+    num_patches = pos_shape[1] - 2
+    grid = math.isqrt(max(num_patches, 0))
+    if len(pos_shape) != 3 or grid * grid != num_patches or grid == 0:
+        raise OfficialCheckpointError(f"official pos_embed has shape {pos_shape}: expected (1, 2 + m*m, D)")
+    image_size = grid * patch_size
+    depth = _block_count(sd, "blocks.")
+    kind = "epg" if _block_count(sd, "decoder_blocks.") else "rcm"
+
+    config = dict(kind=kind, image_size=image_size, patch_size=patch_size, depth=depth, enc_dim=enc_dim)
+    if kind == "epg":
+        dec_depth = _block_count(sd, "decoder_blocks.")
+        dec_dim = _shape(sd, "out_norm.weight")[0]
+        num_classes = _shape(sd, "class_embed.weight")[0] - 1 if "class_embed.weight" in sd else 0
+        config.update(num_classes=num_classes, proj_dim=None, dec_dim=dec_dim)
+        names = [n for n, c in ((n, models.model_config(n)) for n in models.MODEL_CONFIGS)
+                 if (c["depth"], c["enc_dim"], c["dec_dim"], c["tokens_per_side"]) == (depth, enc_dim, dec_dim, grid)
+                 and dec_depth == depth]
+        described = (f"EPG with encoder {depth}x{enc_dim}, decoder {dec_depth}x{dec_dim}, patch {patch_size} at "
+                     f"{image_size}px")
+    else:
+        last = _block_count(sd, "projection_head.") - 1
+        config.update(num_classes=None, dec_dim=enc_dim,
+                      proj_dim=_shape(sd, f"projection_head.{last}.weight")[0] if last >= 0 else None)
+        # an RCM is named after the model whose decoder mirrors its encoder (RCM-B, not RCM-XL)
+        names = [n for n, c in ((n, models.model_config(n)) for n in models.MODEL_CONFIGS)
+                 if (c["depth"], c["enc_dim"], c["tokens_per_side"]) == (depth, enc_dim, grid)
+                 and (c["dec_dim"], c["dec_heads"]) == (c["enc_dim"], c["enc_heads"])]
+        described = f"RCM with encoder {depth}x{enc_dim}, patch {patch_size} at {image_size}px"
+    if not names:
+        raise OfficialCheckpointError(f"official checkpoint ({described}) matches none of our model configurations "
+                                      f"({', '.join(models.MODEL_CONFIGS)}); add it to models.MODEL_CONFIGS with "
+                                      f"its head counts")
+    config["model"] = names[0]
+    config["encoder_of"] = [n for n in models.MODEL_CONFIGS if _encoder_signature(n) == _encoder_signature(names[0])]
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion
+# ----------------------------------------------------------------------------------------------------------------
+def build_model(config, decoder_dropout=0.0):
+    """Our model for an inferred official `config`: models.build_epg / build_rcm (random init; load the converted
+    state dict into it). An RCM saved without projector converts to its encoder only: use it with
+    models.load_encoder_from_rcm (fine-tuning --init) rather than with this RCM."""
+    if config["kind"] == "epg":
+        return models.build_epg(config["model"], config["image_size"], config["num_classes"], decoder_dropout)
+    return models.build_rcm(config["model"], config["image_size"], config["proj_dim"])
+
+
+def _short_list(items, limit=6):
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... (+{len(items) - limit} more)' if len(items) > limit else ''}]"
+
+
+def _convert(sd, kind):
+    """Rename every official tensor to ours, checking a one-to-one, shape-exact match with our model."""
+    sd = _strip_module_prefix(sd) if isinstance(sd, dict) else sd
+    config = infer_official_config(sd)
+    if config["kind"] != kind:
+        other = {"epg": "convert_epg (an EPG encoder-decoder)", "rcm": "convert_rcm (an RCM encoder)"}
+        raise OfficialCheckpointError(f"this official state dict holds an {config['kind'].upper()}, not an "
+                                      f"{kind.upper()}; use {other[config['kind']]}")
+    with torch.device("meta"):                                             # shapes only, no memory
+        target = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    if kind == "rcm" and config["proj_dim"] is None:                      # saved without projector: encoder only
+        target = {k: v for k, v in target.items() if k.startswith("encoder.")}
+    if kind == "epg" and config["num_classes"] == 0:
+        # Unconditional official model (no class table; the official forward then adds no class embedding): our EPG
+        # with num_classes = 0 has one class row, the null class 0, filled with zeros -> identical computation.
+        del target["class_embed.weight"]
+
+    converted, matched, unexpected, wrong_shape = {}, set(), [], []
+    for name, tensor in sd.items():
+        ours = official_to_ours(name)
+        if ours is None or ours not in target or ours in matched:
+            unexpected.append(name)
+            continue
+        matched.add(ours)
+        if tuple(tensor.shape) != target[ours]:
+            wrong_shape.append(f"{name} {tuple(tensor.shape)} vs {target[ours]}")
+        else:
+            converted[ours] = tensor
+    missing = [ours_to_official(k) for k in target if k not in matched]
+    if missing or unexpected or wrong_shape:
+        what = "EPG" if kind == "epg" else "RCM"
+        problems = [f"{len(l)} {label} {_short_list(l)}" for label, l in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong-shaped (got vs expected)", wrong_shape))
+                    if l]
+        raise OfficialCheckpointError(f"official {what} checkpoint does not match our {what}-{config['model']} at "
+                                      f"{config['image_size']}px: " + "; ".join(problems))
+    if kind == "epg" and config["num_classes"] == 0:
+        converted["class_embed.weight"] = torch.zeros(1, config["enc_dim"], dtype=sd["pos_embed"].dtype)
+    return converted
+
+
+def convert_rcm(sd):
+    """Official RCMViT state dict -> our RCM state dict (models.RCM keys; loads with strict=True into
+    build_model(infer_official_config(sd))). Every official tensor is used exactly once and every one of ours is
+    filled, else OfficialCheckpointError lists the missing, unexpected and wrong-shaped tensors (official names)."""
+    return _convert(sd, "rcm")
+
+
+def convert_epg(sd):
+    """Official EPGViT (or DMViT) state dict -> our EPG state dict, with the same checks as convert_rcm."""
+    return _convert(sd, "epg")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files and folders
+# ----------------------------------------------------------------------------------------------------------------
+def _checkpoint_file(path, prefer):
+    if prefer not in CHECKPOINT_FILES:
+        raise OfficialCheckpointError(f"unknown weights choice {prefer!r}; choose one of {', '.join(CHECKPOINT_FILES)}")
+    if os.path.isdir(path):
+        for name in CHECKPOINT_FILES[prefer]:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise OfficialCheckpointError(f"folder '{path}' holds neither nnet_ema.pth nor nnet.pth (the official "
+                                      f"checkpoint files); pass the folder of a released checkpoint or a .pth file")
+    if os.path.isfile(path):
+        return path
+    raise OfficialCheckpointError(f"checkpoint '{path}' does not exist")
+
+
+def _read_state_dict(file):
+    """torch.load of a plain state dict, tensors only (weights_only), memory-mapped where the format allows."""
+    for mmap in (True, False):
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the file is unusable
+            error = e
+    else:
+        raise OfficialCheckpointError(f"'{file}' is unreadable or corrupt ({type(error).__name__}); use another "
+                                      f"checkpoint") from None
+    if not is_official_state_dict(sd):
+        raise OfficialCheckpointError(f"'{file}' is not an official EPG/RCM state dict (no top-level "
+                                      f"patch_embed.proj.weight, pos_embed and cls_token)")
+    return _strip_module_prefix(sd)
+
+
+def is_official_checkpoint(path):
+    """True if `path` is a folder with nnet.pth / nnet_ema.pth, or a file holding an official state dict.
+    Cheap for the usual zip format (the file is memory-mapped, not read). Our own checkpoint files give False."""
+    if os.path.isdir(path):
+        return any(os.path.isfile(os.path.join(path, n)) for n in CHECKPOINT_FILES["ema"])
+    try:
+        _read_state_dict(path)
+    except OfficialCheckpointError:
+        return False
+    return True
+
+
+def load_official(path, prefer="ema", model=None, image_size=None):
+    """Read an official checkpoint and convert it to our layout.
+
+    path:   a released folder, or one .pth file (nnet.pth, nnet_ema.pth, target_model.pth).
+    prefer: in a folder, "ema" reads nnet_ema.pth (the sampler's choice; nnet.pth if there is no EMA file) and
+            "online" reads nnet.pth (what the official fine-tuning reads from an RCM folder; nnet_ema.pth if absent).
+    model, image_size: optional --model / --image-size to check against: an EPG must be exactly that model; an RCM
+            only needs an encoder that fits `model` (RCM-B initialises EPG-B, XL, XXL and G).
+    Returns (kind "rcm" | "epg", config (infer_official_config + "file": the file read), state dict in our layout).
+    Raises OfficialCheckpointError (a ValueError) with a one-line message.
+    """
+    file = _checkpoint_file(path, prefer)
+    sd = _read_state_dict(file)
+    config = {**infer_official_config(sd), "file": file}
+    kind, found = config["kind"], f"{config['kind'].upper()}-{config['model']} at {config['image_size']}px"
+    if model is not None:
+        fits = model == config["model"] if kind == "epg" else model in config["encoder_of"]
+        if not fits:
+            fix = f"--model {config['model']}" if kind == "epg" else f"--model one of {', '.join(config['encoder_of'])}"
+            raise OfficialCheckpointError(f"'{file}' holds the official {found}, which does not fit model {model}; "
+                                          f"pass {fix} or another checkpoint")
+    if image_size is not None and image_size != config["image_size"]:
+        raise OfficialCheckpointError(f"'{file}' holds the official {found}, not {image_size}px; pass --image-size "
+                                      f"{config['image_size']} or another checkpoint")
+    state = convert_epg(sd) if kind == "epg" else convert_rcm(sd)
+    return kind, config, state
+
+
+def official_sampling(config):
+    """The official sampler's behaviour for the EPG checkpoint described by `config` (see OFFICIAL_SAMPLING).
+
+    stage and cfg_scale are looked up among the released generators (the weights alone do not say whether a model
+    is a diffusion or a consistency model); cfg_scale None means the official scale is unknown or unused.
+    """
+    if config["kind"] != "epg":
+        raise OfficialCheckpointError("an official RCM checkpoint is an encoder: fine-tune it (--init) before "
+                                      "sampling")
+    stage, cfg_scale = RELEASED_GENERATORS.get((config["model"], config["image_size"]), ("diffusion", None))
+    conditional = config["num_classes"] > 0
+    return {**OFFICIAL_SAMPLING,
+            "normalize": "imagenet" if conditional else "simple",
+            "null_class": config["num_classes"],
+            "stage": stage,
+            "sampler": "heun" if stage == "diffusion" else "onestep",
+            "steps": 32 if stage == "diffusion" else 1,
+            "cfg_scale": cfg_scale if conditional else None}
