@@ -152,7 +152,8 @@ SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "hexag
 class EmbeddedShapes(torch.utils.data.Dataset):
     """Embedded default data set generated in code: deterministic per (seed, split, index), class-labelled.
 
-    Item i shows one of 10 shapes (label = i % 10, so every prefix of 10 items is balanced) with a random colour,
+    Item i shows one of 10 shapes (label = i % 10, so every prefix of 10 items is balanced) with a random colour
+    (hue around a class-specific centre, overlapping between classes),
     size (radius 22-38 % of the image), position, rotation, background (flat colour, linear gradient, smooth colour
     noise or soft stripes) and a little pixel noise.  Shapes are drawn 4x (2x above 64 px) larger and box-downsampled,
     so edges are anti-aliased at every resolution; at 32x32 the classes stay recognisable.
@@ -234,14 +235,28 @@ class EmbeddedShapes(torch.utils.data.Dataset):
             mask = mask.reduce(self.supersample)  # box filter = exact pixel coverage -> anti-aliased edges
         return np.asarray(mask, dtype=np.float32) / 255.0
 
+    @staticmethod
+    def _shape_colour(rng, label):
+        """Foreground colour: hue drawn around a class-specific centre (spacing 0.1, std 0.07, so neighbouring
+        classes overlap), random saturation and value. Like natural images, low-level statistics correlate with the
+        class without determining it; the shape is what defines it."""
+        hue = (label / 10.0 + rng.normal(0.0, 0.07)) % 1.0
+        saturation, value = rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0)
+        sector = int(hue * 6.0) % 6
+        f = hue * 6.0 - int(hue * 6.0)
+        p, q, t = value * (1 - saturation), value * (1 - saturation * f), value * (1 - saturation * (1 - f))
+        rgb = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)][sector]
+        return np.array(rgb, dtype=np.float32)
+
     def _render(self, rng, shape):
         """(H, W, 3) uint8 image of `shape`."""
+        label = SHAPE_CLASSES.index(shape)
         background = self._background(rng)
-        colour = rng.random(3, dtype=np.float32)
+        colour = self._shape_colour(rng, label)
         for _ in range(8):  # keep the shape visible: its colour must differ clearly from the background's mean
             if np.abs(colour - background.mean(axis=(0, 1))).sum() > 0.6:
                 break
-            colour = rng.random(3, dtype=np.float32)
+            colour = self._shape_colour(rng, label)
         coverage = self._shape_mask(rng, shape)[..., None]
         image = background * (1.0 - coverage) + colour * coverage
         image = image + rng.normal(0.0, rng.uniform(0.0, 0.03), size=image.shape).astype(np.float32)

@@ -386,12 +386,27 @@ def build_finetune_model(args, num_classes, decoder_dropout=0.0, log=print):
     if not args.init:
         raise UserError("fine-tuning needs a pre-trained encoder: pass --init OUT/ckpt_last.pt of pretrain.py "
                         "(or --from-scratch for the ablation without pre-training)")
+    import official
+    if official.is_official_checkpoint(args.init):      # the authors' released RCM (or EPG) weights
+        try:
+            kind, cfg, rcm_state = official.load_official(args.init, prefer="online", model=args.model,
+                                                          image_size=args.image_size)
+            if kind != "rcm":
+                raise official.OfficialCheckpointError("it is a fine-tuned EPG model, not a pre-trained RCM encoder")
+            keys = models.load_encoder_from_rcm(model, rcm_state)
+        except (official.OfficialCheckpointError, ValueError) as e:
+            raise UserError(f"--init {args.init}: {e}") from None
+        log(f"initialised the encoder from the official checkpoint {cfg.get('file', args.init)}: {len(keys)} tensors")
+        return model
     state = load_checkpoint(args.init, stage="pretrain")
     cfg = state["config"]
-    if cfg.get("model") != args.model or cfg.get("image_size") != args.image_size:
-        raise UserError(f"--init {args.init} holds RCM-{cfg.get('model')} at {cfg.get('image_size')}px, but "
-                        f"EPG-{args.model} at {args.image_size}px was asked for; pass --model {cfg.get('model')} "
-                        f"--image-size {cfg.get('image_size')} or another checkpoint")
+    # EPG-XL/XXL/G share RCM-B's encoder (Table 7): compare the encoders, not the model names
+    encoder = lambda name: {k: models.model_config(name)[k] for k in ("depth", "enc_dim", "enc_heads", "tokens_per_side")}
+    if cfg.get("model") not in models.MODEL_CONFIGS or encoder(cfg["model"]) != encoder(args.model) \
+            or cfg.get("image_size") != args.image_size:
+        raise UserError(f"--init {args.init} holds RCM-{cfg.get('model')} at {cfg.get('image_size')}px, whose encoder "
+                        f"does not fit EPG-{args.model} at {args.image_size}px; pass a matching --model/--image-size "
+                        f"or another checkpoint")
     try:
         keys = models.load_encoder_from_rcm(model, state["model"])
     except ValueError as e:
