@@ -1,0 +1,486 @@
+"""fid.py against its peers (pytorch-fid, torch-fidelity), closed forms and brute force.
+
+No test needs the real Inception weights: a randomly initialised Inception-v3 in the pt_inception key layout is
+saved to a file and loaded by fid.py and by the peers. With random weights the numbers mean nothing, but the two
+implementations must still agree to float precision, layer by layer.
+"""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+import fid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def relative_error(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures: random Inception weights, a few images, pytorch-fid's features of them
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """(path, state dict) of a random FID Inception in the pt_inception layout: torchvision's Inception3 with 1008
+    classes and no aux head has exactly pytorch-fid's keys. He-initialised convolutions and perturbed BatchNorm
+    statistics keep the activations O(1) through all 94 layers, so relative comparisons are meaningful."""
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    generator = torch.Generator().manual_seed(0)
+    state = net.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name.endswith("conv.weight"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * (2 / tensor[0].numel()) ** 0.5)
+            elif name.endswith("bn.weight"):
+                tensor.copy_(1 + 0.1 * torch.randn(tensor.shape, generator=generator))
+            elif name.endswith(("bn.bias", "running_mean")):
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+            elif name.endswith("running_var"):
+                tensor.copy_(0.8 + 0.4 * torch.rand(tensor.shape, generator=generator))
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def load_test_inception(path, resize):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # "sha256 is not 6726825d": expected for test weights
+        return fid.load_inception(path, resize=resize)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """3 random 32x32 RGB PNGs (uint8 (3, 32, 32, 3) returned too). Inception at 299x299 is slow on a CPU."""
+    folder = tmp_path_factory.mktemp("images")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return folder, images
+
+
+@pytest.fixture(scope="module")
+def pytorch_fid_features(random_inception, image_folder):
+    """pytorch-fid's pool_3 features of the image folder (its own PNG loading, ToTensor, resize and model), and the
+    sFID layer (mixed_6/conv = Mixed_6d.branch1x1, channels [:7], NHWC-flattened) captured by a forward hook."""
+    import pytorch_fid.fid_score
+    import pytorch_fid.inception
+    path, state = random_inception
+    with pytest.MonkeyPatch.context() as patch:          # pytorch-fid would download its weights: hand it ours
+        patch.setattr(pytorch_fid.inception, "load_state_dict_from_url", lambda *args, **kwargs: state)
+        model = pytorch_fid.inception.InceptionV3([3]).eval()
+    mixed_6d = model.blocks[2][6]                          # block 2 = Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e
+    spatial = []
+    mixed_6d.branch1x1.register_forward_hook(
+        lambda module, inputs, output: spatial.append(output[:, :7].permute(0, 2, 3, 1).flatten(1).numpy()))
+    files = sorted(image_folder[0].glob("*.png"))
+    pool = pytorch_fid.fid_score.get_activations(files, model, batch_size=len(files), num_workers=0)
+    return {"pool": pool, "spatial": np.concatenate(spatial)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network against pytorch-fid (pytorch-fid resize) and torch-fidelity (TF resize)
+# ----------------------------------------------------------------------------------------------------------------
+def test_features_match_pytorch_fid(random_inception, image_folder, pytorch_fid_features):
+    model = load_test_inception(random_inception[0], "pytorch-fid")
+    ours = fid.extract_features(model, fid.FolderImages(image_folder[0]), batch_size=2, progress=False)
+    assert ours["pool"].shape == (3, 2048) and ours["spatial"].shape == (3, 2023) and ours["logits"].shape == (3, 1008)
+    assert np.abs(pytorch_fid_features["pool"]).mean() > 0.01           # the random network is not degenerate
+    assert relative_error(ours["pool"], pytorch_fid_features["pool"]) <= 1e-4
+    assert relative_error(ours["spatial"], pytorch_fid_features["spatial"]) <= 1e-4
+
+
+def test_features_match_torch_fidelity(random_inception):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    peer = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                       feature_extractor_weights_path=str(random_inception[0]))
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 3, 24, 40), dtype=np.uint8))
+    with torch.no_grad():
+        pool, logits = peer(images)
+        ours = load_test_inception(random_inception[0], "tf")(images)
+    assert relative_error(ours["pool"], pool) <= 1e-4
+    assert relative_error(ours["logits"], logits) <= 1e-4          # ADM's IS logits: pool_3 @ W, no bias
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (17, 45), (64, 64), (299, 299), (333, 310)])
+def test_tf1_resize_equals_torch_fidelity(height, width):
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    images = torch.from_numpy(np.random.default_rng(height).integers(0, 256, (2, 3, height, width), dtype=np.uint8))
+    ours = fid.resize_bilinear_tf1(images.float(), 299)
+    peer = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+    assert ours.shape == (2, 3, 299, 299)
+    assert torch.equal(ours, peer)                                 # bit-exact on the CPU
+
+
+def test_tf1_resize_of_a_ramp_samples_at_i_times_in_over_out():
+    # TF1 (align_corners=False, no half-pixel centres) samples output pixel i at src = i * in / out, clamped at the
+    # last input pixel; a linear ramp is reproduced exactly there.
+    width = 10
+    ramp = torch.arange(width, dtype=torch.float32).expand(1, 1, 3, width)
+    out = fid.resize_bilinear_tf1(ramp, 25)[0, 0, 0]
+    expected = np.minimum(np.arange(25) * width / 25, width - 1)
+    assert np.allclose(out.numpy(), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: --save-stats equals pytorch-fid, in one process and sharded over two (torchrun, gloo)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_stats(random_inception, image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stats") / "stats.npz"
+    result = subprocess.run([sys.executable, "fid.py", str(image_folder[0]), "--save-stats", str(out),
+                             "--inception", str(random_inception[0]), "--resize", "pytorch-fid", "--batch-size", "2",
+                             "--device", "cpu", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_save_stats_cli_equals_pytorch_fid(saved_stats, pytorch_fid_features):
+    with np.load(saved_stats) as stats:
+        assert str(stats["resize"]) == "pytorch-fid"
+        pool, spatial = pytorch_fid_features["pool"], pytorch_fid_features["spatial"]
+        assert relative_error(stats["pool_features"], pool) <= 1e-4
+        # pytorch-fid's calculate_activation_statistics: np.mean, np.cov(rowvar=False) (unbiased)
+        assert relative_error(stats["mu"], pool.mean(0)) <= 1e-4
+        assert relative_error(stats["sigma"], np.cov(pool, rowvar=False)) <= 1e-4
+        assert relative_error(stats["mu_s"], spatial.mean(0)) <= 1e-4
+        assert relative_error(stats["sigma_s"], np.cov(spatial, rowvar=False)) <= 1e-4
+        assert stats["logits"].shape == (3, 1008) and stats["mu"].dtype == np.float64
+
+
+def test_torchrun_sharded_features_equal_single_process(run_torchrun, saved_stats, random_inception, image_folder,
+                                                        tmp_path):
+    # 3 images over 2 ranks: blocks of 2 and 1, gathered in order. Other batch compositions and thread counts
+    # change the float32 rounding of the convolutions, hence a tolerance rather than bitwise equality.
+    out = tmp_path / "sharded.npz"
+    result = run_torchrun(2, "fid.py", image_folder[0], "--save-stats", out, "--inception", random_inception[0],
+                          "--resize", "pytorch-fid", "--batch-size", "2", "--device", "cpu", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    with np.load(saved_stats) as single, np.load(out) as sharded:
+        for key in ("pool_features", "logits", "mu", "sigma", "mu_s", "sigma_s"):
+            assert relative_error(sharded[key], single[key]) <= 1e-4, key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frechet distance, Inception Score, precision/recall: closed forms, a peer, brute force
+# ----------------------------------------------------------------------------------------------------------------
+def test_frechet_distance_of_isotropic_gaussians_closed_form():
+    # (mu1, a^2 I) vs (mu2, b^2 I): |mu1 - mu2|^2 + d (a - b)^2
+    rng = np.random.default_rng(0)
+    d, a, b = 64, 1.5, 0.7
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    value = fid.frechet_distance(mu1, a ** 2 * np.eye(d), mu2, b ** 2 * np.eye(d))
+    assert value == pytest.approx(np.sum((mu1 - mu2) ** 2) + d * (a - b) ** 2, rel=1e-10)
+
+
+def test_frechet_distance_equals_pytorch_fid_and_vanishes_on_itself():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 48)) @ rng.normal(size=(48, 48))
+    y = rng.normal(size=(250, 48)) @ rng.normal(size=(48, 48)) + 0.3
+    stats_x, stats_y = fid.gaussian_statistics(x), fid.gaussian_statistics(y)
+    assert np.allclose(stats_x[1], np.cov(x, rowvar=False))                 # unbiased covariance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)                 # pytorch-fid passes sqrtm(disp=False)
+        expected = calculate_frechet_distance(*stats_x, *stats_y)
+    assert fid.frechet_distance(*stats_x, *stats_y) == pytest.approx(expected, rel=1e-6)
+    assert abs(fid.frechet_distance(*stats_x, *stats_x)) < 1e-6 * np.trace(stats_x[1])
+
+
+def test_frechet_distance_rejects_mismatched_dimensions():
+    with pytest.raises(fid.MetricsError, match="different dimensions"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_inception_score_closed_forms():
+    assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)           # uniform p(y|x)
+    classes = 7                                                                        # one-hot, spread evenly
+    one_hot = np.full((70, 1008), -1e4)
+    one_hot[np.arange(70), np.arange(70) % classes] = 0.0
+    assert fid.inception_score(one_hot) == pytest.approx(classes)
+
+
+def test_inception_score_uses_consecutive_chunks_of_5000():
+    # First chunk: one class (IS 1); second chunk: 10 classes evenly (IS 10); ADM reports the mean, 5.5.
+    # (One split over all 10000 would give exp(H(p_marginal)) with p = (0.55, 0.05, ..., 0.05), not 5.5.)
+    logits = np.full((10000, 12), -1e4, dtype=np.float32)
+    logits[:5000, 0] = 0
+    logits[np.arange(5000, 10000), np.arange(5000) % 10] = 0
+    assert fid.inception_score(logits) == pytest.approx(5.5)
+
+
+def brute_force_precision_recall(real, fake, k=3):
+    """Kynkaanniemi et al. 2019 with plain Euclidean distances and explicit loops over the balls."""
+    def radii(points):
+        distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+        return np.sort(distances, axis=1)[:, k]                        # column 0 is the point itself
+    def coverage(points, centres, centre_radii):
+        return np.mean([any(np.linalg.norm(p - c) <= r for c, r in zip(centres, centre_radii)) for p in points])
+    return coverage(fake, real, radii(real)), coverage(real, fake, radii(fake))
+
+
+def test_precision_recall_equals_brute_force(monkeypatch):
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(80, 6))
+    fake = 1.3 * rng.normal(size=(60, 6)) + 0.6
+    expected = brute_force_precision_recall(real, fake)
+    assert 0.05 < expected[0] < 0.95 and 0.05 < expected[1] < 0.95        # a non-trivial case
+    assert fid.precision_recall(real, fake) == pytest.approx(expected, abs=1e-12)
+    blocks = fid._row_blocks                                               # many small row blocks: same answer
+    monkeypatch.setattr(fid, "_row_blocks", lambda rows, cols: blocks(rows, cols, budget=7 * cols))
+    assert fid.precision_recall(real, fake) == pytest.approx(expected, abs=1e-12)
+
+
+def test_precision_recall_identical_and_far_apart():
+    points = np.random.default_rng(3).normal(size=(40, 5))
+    assert fid.precision_recall(points, points) == (1.0, 1.0)
+    assert fid.precision_recall(points, points + 1000.0) == (0.0, 0.0)
+    with pytest.raises(fid.MetricsError, match="more than 3"):
+        fid.precision_recall(points[:3], points)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: npz files, statistics round trips, ADM reference batches, bad files
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compressed", [False, True])
+def test_sample_npz_round_trip(tmp_path, compressed):
+    images = np.random.default_rng(4).integers(0, 256, (7, 12, 10, 3), dtype=np.uint8)
+    labels = np.arange(7) % 3
+    path = tmp_path / "samples.npz"
+    (np.savez_compressed if compressed else np.savez)(path, arr_0=images, arr_1=labels)
+    source = fid.open_input(path)
+    assert len(source.images) == 7 and source.images.image_shape == (12, 10, 3)
+    assert np.array_equal(source.images.read(2, 6), images[2:6])
+    assert np.array_equal(source.images.read(5, 100), images[5:])
+    assert np.array_equal(source.labels, labels) and source.stats == {}
+
+
+def test_statistics_round_trip(tmp_path):
+    rng = np.random.default_rng(5)
+    pool = rng.normal(size=(20, 2048)).astype(np.float32)
+    stats = {"mu": pool.mean(0).astype(np.float64), "sigma": np.cov(pool, rowvar=False),
+             "mu_s": rng.normal(size=2023), "sigma_s": np.eye(2023), "pool_features": pool,
+             "logits": rng.normal(size=(20, 1008)).astype(np.float32)}
+    fid.save_statistics(tmp_path / "stats.npz", stats, "tf")
+    source = fid.open_input(tmp_path / "stats.npz")
+    assert source.images is None and source.resize == "tf"
+    assert set(source.stats) == set(stats)
+    for key, value in stats.items():
+        assert np.array_equal(source.stats[key], value), key
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "must be uint8 images"),
+    ({"arr_0": np.zeros((2, 3, 8, 8), np.uint8)}, "must be uint8 images"),
+    ({"images": np.zeros((2, 8, 8, 3), np.uint8)}, "expected 'arr_0'"),
+    ({"mu": np.zeros(4), "sigma": np.eye(3)}, "must have shape"),
+    ({"mu": np.zeros(4)}, "but not 'sigma'"),
+    ({"mu": np.zeros(4, np.int64), "sigma": np.eye(4, dtype=np.int64)}, "floating point"),
+    ({"pool_features": np.zeros((3, 100), np.float32)}, r"shape \(N, 2048\)"),
+])
+def test_bad_npz_files_are_rejected_clearly(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(fid.MetricsError, match=message):
+        fid.open_input(tmp_path / "bad.npz")
+
+
+class FakeFeatures(torch.nn.Module):
+    """A cheap stand-in for the Inception: a fixed random projection of the pixels to small feature vectors."""
+
+    def __init__(self, pixels):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.projection = torch.randn(pixels, 8 + 6 + 5, generator=generator) / pixels ** 0.5
+
+    def forward(self, images_uint8):
+        z = images_uint8.flatten(1).float() / 255 @ self.projection
+        return {"pool": z[:, :8], "spatial": z[:, 8:14], "logits": z[:, 14:]}
+
+
+def test_evaluate_uses_adm_reference_statistics_and_reference_images(tmp_path):
+    # ADM reference batch: its mu/sigma (whole data set) are used for FID, its arr_0 for precision/recall.
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(6)
+    samples = rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+    reference = rng.integers(0, 200, (30, 4, 4, 3), dtype=np.uint8)
+    mu, sigma = rng.normal(size=8), np.diag(rng.uniform(0.5, 2, size=8))
+    mu_s, sigma_s = rng.normal(size=6), np.eye(6)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    np.savez(tmp_path / "ref.npz", arr_0=reference, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    model = FakeFeatures(4 * 4 * 3)
+    metrics, notes = fid.evaluate(fid.open_input(tmp_path / "samples.npz"), fid.open_input(tmp_path / "ref.npz"),
+                                  model, batch_size=16, progress=False)
+    assert list(metrics) == ["FID", "sFID", "IS", "Precision", "Recall"] and notes == []
+    with torch.no_grad():
+        sample_features = model(torch.from_numpy(samples).permute(0, 3, 1, 2))
+        reference_pool = model(torch.from_numpy(reference).permute(0, 3, 1, 2))["pool"].numpy()
+    pool, spatial = sample_features["pool"].numpy(), sample_features["spatial"].numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert metrics["FID"] == pytest.approx(calculate_frechet_distance(
+            pool.mean(0), np.cov(pool, rowvar=False), mu, sigma), rel=1e-5)
+        assert metrics["sFID"] == pytest.approx(calculate_frechet_distance(
+            spatial.mean(0), np.cov(spatial, rowvar=False), mu_s, sigma_s), rel=1e-5)
+    assert metrics["IS"] == pytest.approx(fid.inception_score(sample_features["logits"].numpy()))
+    assert (metrics["Precision"], metrics["Recall"]) == pytest.approx(
+        brute_force_precision_recall(reference_pool.astype(np.float64), pool.astype(np.float64)), abs=1e-9)
+
+
+def test_evaluate_with_pytorch_fid_stats_reference_reports_what_it_can(tmp_path):
+    rng = np.random.default_rng(7)
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(8), sigma=np.eye(8))            # pytorch-fid --save-stats format
+    metrics, notes = fid.evaluate(fid.open_input(tmp_path / "samples.npz"), fid.open_input(tmp_path / "ref.npz"),
+                                  FakeFeatures(48), progress=False)
+    assert list(metrics) == ["FID", "IS"]
+    assert any("sFID" in note for note in notes) and any("Precision" in note for note in notes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights: missing, corrupt, wrong checksum -> one clear line and exit code 2
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_npz(tmp_path):
+    path = tmp_path / "tiny.npz"
+    np.savez(path, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    return path
+
+
+def test_missing_weights_exit_2_with_instructions(tmp_path, tiny_npz):
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")}
+    env.pop("EPG_INCEPTION", None)
+    result = subprocess.run([sys.executable, "fid.py", str(tiny_npz), str(tiny_npz), "--device", "cpu"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert fid.INCEPTION_FILENAME in result.stderr and "github.com/mseitzer/pytorch-fid/releases" in result.stderr
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in result.stderr       # where to put it
+
+
+def test_corrupt_weights_exit_2_with_message(tmp_path, tiny_npz, capsys):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 definitely not a torch file" * 10)
+    with pytest.warns(UserWarning, match="sha256"), pytest.raises(SystemExit) as exit_info:
+        fid.main([str(tiny_npz), str(tiny_npz), "--inception", str(corrupt), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "cannot read Inception weights" in capsys.readouterr().err
+
+
+def test_cached_weights_with_wrong_checksum_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("EPG_INCEPTION", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / fid.INCEPTION_FILENAME).write_bytes(b"truncated download")
+    with pytest.raises(fid.MetricsError, match="corrupt"):
+        fid.find_inception_weights()
+
+
+def test_wrong_state_dict_is_rejected(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.warns(UserWarning, match="sha256"), pytest.raises(fid.MetricsError, match="missing keys"):
+        fid.load_inception(path)
+
+
+def test_bad_sample_file_exits_2_with_message(tmp_path, capsys):
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main([str(tmp_path / "float.npz"), "--embedded"])
+    assert exit_info.value.code == 2
+    assert "must be uint8 images of shape (N, H, W, 3)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedded data set mode: the reference classifier
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory):
+    """Train the 32x32 reference classifier once for this module, into a temporary cache."""
+    cache = tmp_path_factory.mktemp("epg_cache")
+    fid.reference_classifier(32, cache_dir=cache)
+    return cache
+
+
+def embedded_split(split, seed=0, length=None):
+    dataset = data.EmbeddedShapes(split=split, image_size=32, seed=seed, length=length)
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(images).permute(0, 2, 3, 1).numpy(), np.array(labels)
+
+
+def test_reference_classifier_accuracy_and_cache(classifier_cache):
+    classifier = fid.reference_classifier(32, cache_dir=classifier_cache)        # loaded, not retrained
+    assert not classifier.training
+    assert classifier.val_acc >= fid.CLASSIFIER_MIN_VAL_ACC
+    images, labels = embedded_split("val")
+    features, logits = fid.classify(classifier, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert features.shape == (len(images), 128) and logits.shape == (len(images), 10)
+    assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(classifier.val_acc)
+    floats = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 255             # float [0, 1] input too
+    with torch.no_grad():
+        assert torch.allclose(classifier(floats)[1], logits[:8], atol=1e-4)
+
+
+def test_embedded_metrics_of_real_and_noise_images(classifier_cache):
+    val_images, val_labels = embedded_split("val")
+    same = fid.embedded_metrics(val_images, val_labels, cache_dir=classifier_cache)
+    assert abs(same["fd_ref"]) < 1e-6 and same["class_acc"] == pytest.approx(same["val_acc"])
+
+    fresh_images, fresh_labels = embedded_split("val", seed=1, length=500)                # other shapes, same law
+    fresh = fid.embedded_metrics(fresh_images, fresh_labels, cache_dir=classifier_cache)
+    assert fresh["class_acc"] > 0.8
+
+    noise = np.random.default_rng(8).integers(0, 256, (500, 32, 32, 3), dtype=np.uint8)
+    noisy = fid.embedded_metrics(noise, fresh_labels, cache_dir=classifier_cache)
+    assert noisy["class_acc"] < 0.3                                                      # chance is 0.1
+    assert noisy["fd_ref"] > 20 * fresh["fd_ref"]
+
+
+def test_embedded_cli_prints_labelled_lines_and_json(classifier_cache, tmp_path, capsys):
+    images, labels = embedded_split("val", seed=2, length=200)
+    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=labels)
+    fid.main([str(tmp_path / "samples.npz"), "--embedded", "--cache-dir", str(classifier_cache),
+              "--out", str(tmp_path / "metrics.json"), "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("FD_ref (reference classifier, NOT comparable to Inception FID): ")
+    assert lines[1].startswith("Class accuracy: ")
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(written) == {"fd_ref", "class_acc", "val_acc"}
+    assert float(lines[1].split(": ")[1]) == pytest.approx(written["class_acc"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slow (sqrtm of 2048x2048 matrices takes ~20 s on 2 cores): the full CLI against pytorch-fid's FID end to end.
+# Run with EPG_SLOW_TESTS=1.
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not os.environ.get("EPG_SLOW_TESTS"), reason="slow: set EPG_SLOW_TESTS=1")
+def test_cli_fid_equals_pytorch_fid_end_to_end(random_inception, tmp_path):
+    import pytorch_fid.fid_score
+    import pytorch_fid.inception
+    rng = np.random.default_rng(9)
+    for name, offset in (("a", 0), ("b", 60)):
+        (tmp_path / name).mkdir()
+        for i in range(8):
+            image = np.clip(rng.integers(0, 196, (32, 32, 3)) + offset, 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / name / f"{i}.png")
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        patch.setattr(pytorch_fid.inception, "load_state_dict_from_url", lambda *a, **k: random_inception[1])
+        expected = pytorch_fid.fid_score.calculate_fid_given_paths(
+            [str(tmp_path / "a"), str(tmp_path / "b")], batch_size=8, device="cpu", dims=2048, num_workers=0)
+    result = subprocess.run([sys.executable, "fid.py", str(tmp_path / "a"), str(tmp_path / "b"), "--inception",
+                             str(random_inception[0]), "--resize", "pytorch-fid", "--device", "cpu", "--no-progress"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["FID", "sFID", "IS", "Precision", "Recall"]
+    assert float(lines[0].split(": ")[1]) == pytest.approx(expected, rel=1e-4)
