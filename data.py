@@ -621,8 +621,11 @@ class BatchStream:
         sampler = _PositionBatches(len(self.dataset), self.global_batch, self.rank, self.world, self.seed, self.step)
         items = _AugmentedItems(self.dataset, self.seed, self.views, self.mode)
         workers = {"persistent_workers": True, "prefetch_factor": 2} if self.num_workers > 0 else {}
+        # an explicit generator: creating the loader's iterator must not draw from the global RNG (that would make a
+        # resumed run's first step differ from the uninterrupted one); augmentations are seeded per sample anyway
         loader = torch.utils.data.DataLoader(items, batch_sampler=sampler, num_workers=self.num_workers,
-                                             collate_fn=_collate, pin_memory=self.pin_memory, **workers)
+                                             collate_fn=_collate, pin_memory=self.pin_memory,
+                                             generator=torch.Generator().manual_seed(self.seed), **workers)
         for batch in loader:
             self.step += 1
             self.num_corrupt += batch["num_corrupt"]

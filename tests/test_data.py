@@ -497,3 +497,13 @@ def test_cli_help_errors_and_preview(tmp_path, capsys):
     assert data.main(["preview", "--out", str(out), "--image-size", "16", "--per-class", "3"]) == 0
     with Image.open(out) as grid:
         assert grid.size == (3 * 18 + 2, 10 * 18 + 2)  # 2-px padding around 16-px tiles, one row per class
+
+
+def test_batch_stream_does_not_touch_global_rng():
+    # a resumed run creates a fresh stream; if that drew from the global RNG, its first step would differ
+    ds = data.EmbeddedShapes("train", 16, length=40)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    next(iter(data.BatchStream(ds, 8, views="finetune")))
+    assert torch.equal(torch.rand(3), expected)

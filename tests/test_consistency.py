@@ -1,0 +1,308 @@
+"""Tests of train_consistency.py: boundary condition, the exact consistency function of Gaussian data, identical
+dropout masks in the online and target passes, the auxiliary loss's gradient path, short training runs and
+kill/resume determinism. CPU, EPG-T at 16 px."""
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import losses
+import models
+import trainlib
+import train_consistency as tc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 16
+
+
+def randomize(module, std=0.05, seed=0):
+    """Give every parameter random values (the EPG output layer and adaLN gates start at exactly zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The tiny networks run fastest on one thread (and do not stall when the cores are shared); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rcm_ckpt(tmp_path_factory):
+    """A tiny RCM-T checkpoint in pretrain.py's format (random weights)."""
+    torch.manual_seed(0)
+    rcm = models.build_rcm("T", SIZE)
+    path = str(tmp_path_factory.mktemp("rcm") / "rcm.pt")
+    trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {"model": "T", "image_size": SIZE,
+                                                                    "normalize": "simple"},
+                                    "step": 0, "model": rcm.state_dict()})
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameterisation (eq. 4)
+# ----------------------------------------------------------------------------------------------------------------
+def test_boundary_condition_is_exact_for_random_epg():
+    model = randomize(models.build_epg("T", SIZE, num_classes=10, decoder_dropout=0.5)).train()
+    sigma_min = losses.SIGMA_MIN * losses.resolution_shift(SIZE)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    y = torch.tensor([0, 3, 9, 10])
+    out = losses.consistency_function(model, x, torch.full((4,), sigma_min), y, sigma_min)
+    assert torch.equal(out, x)                                     # f(x, sigma~_min) = x bit for bit
+    away = losses.consistency_function(model, x, torch.full((4,), 1.0), y, sigma_min)
+    assert not torch.allclose(away, x)                             # ... and the network does act elsewhere
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gaussian data: the exact consistency function (closed-form PF-ODE solution map)
+# ----------------------------------------------------------------------------------------------------------------
+MU, STD = 0.3, 0.5
+EPS_B = losses.SIGMA_MIN * losses.resolution_shift(SIZE)          # EPG's boundary: s * sigma_min
+
+
+def exact_f(x, sigma, mu=MU, std=STD, eps_b=EPS_B):
+    """f*(x, t) = mu + (x - mu) sqrt(s^2 + eps_b^2) / sqrt(s^2 + t^2): the PF-ODE solution map to eps_b."""
+    k = math.sqrt(std ** 2 + eps_b ** 2) / torch.sqrt(std ** 2 + sigma.double() ** 2)
+    return mu + (x - mu) * k.view(-1, 1, 1, 1)
+
+
+def ode_transport_rk4(x, t_from, t_to, steps=400):
+    """Integrate dx/dsigma = (x - D*(x; sigma)) / sigma, D* = mu + s^2/(s^2 + sigma^2)(x - mu), by RK4 per sample."""
+    def velocity(x, sigma):
+        denoised = MU + STD ** 2 / (STD ** 2 + sigma ** 2) * (x - MU)
+        return (x - denoised) / sigma
+    out = []
+    for i in range(x.shape[0]):
+        xi, a, b = x[i].double(), float(t_from[i]), float(t_to[i])
+        h = (b - a) / steps
+        s = a
+        for _ in range(steps):
+            k1 = velocity(xi, s)
+            k2 = velocity(xi + h / 2 * k1, s + h / 2)
+            k3 = velocity(xi + h / 2 * k2, s + h / 2)
+            k4 = velocity(xi + h * k3, s + h)
+            xi, s = xi + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), s + h
+        out.append(xi)
+    return torch.stack(out)
+
+
+def gaussian_trajectory_pair(batch=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = MU + STD * torch.randn(batch, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+    eps = torch.randn(batch, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.05, 0.3, 1.0, 2.5, 10.0, 40.0], dtype=torch.float64)[:batch]
+    r = t * torch.tensor([0.1, 0.5, 0.7, 0.9, 0.95, 0.99], dtype=torch.float64)[:batch]
+    x_t = x0 + t.view(-1, 1, 1, 1) * eps
+    x_r = MU + (x_t - MU) * (torch.sqrt(STD ** 2 + r ** 2) / torch.sqrt(STD ** 2 + t ** 2)).view(-1, 1, 1, 1)
+    return x_t, t, x_r, r
+
+
+def test_gaussian_oracle_trajectory_is_the_pf_ode_solution():
+    x_t, t, x_r, r = gaussian_trajectory_pair(batch=3)
+    x_small = x_t[:, :, :2, :2]                                      # a few pixels suffice for the ODE check
+    assert torch.allclose(ode_transport_rk4(x_small, t, r), x_r[:, :, :2, :2], rtol=0, atol=1e-8)
+
+
+def test_exact_consistency_function_gives_zero_loss():
+    x_t, t, x_r, r = gaussian_trajectory_pair()
+    assert torch.allclose(exact_f(x_t, t), exact_f(x_r, r), rtol=0, atol=1e-12)   # one trajectory, one end point
+    loss, prediction = tc.consistency_loss(exact_f, exact_f, x_t, t, x_r, r, huber_c=0.06)
+    assert loss.shape == (6,) and torch.allclose(prediction, exact_f(x_t, t))
+    assert loss.abs().max() < 1e-6
+
+
+def test_perturbed_consistency_function_gives_the_brute_force_loss():
+    x_t, t, x_r, r = gaussian_trajectory_pair()
+    wrong = lambda x, sigma: exact_f(x, sigma, std=0.6)          # noqa: E731 - consistent for other data only
+    loss, _ = tc.consistency_loss(wrong, wrong, x_t, t, x_r, r, huber_c=0.06)
+    expected = []                                                  # lambda = 1/(t - r), d = S / sqrt(S + c^2)
+    for i in range(6):
+        delta = (wrong(x_t, t) - wrong(x_r, r))[i].numpy()
+        squares = float(np.sum(delta ** 2))
+        expected.append(1.0 / float(t[i] - r[i]) * squares / math.sqrt(squares + 0.06 ** 2))
+    assert (loss > 0).all()
+    assert np.allclose(loss.numpy(), expected, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dropout masks of the online and the target pass
+# ----------------------------------------------------------------------------------------------------------------
+class MaskProbe(torch.nn.Module):
+    """Returns the dropout mask itself: ones through Dropout(0.5) give 0 or 2 per element."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x, sigma):
+        return self.drop(torch.ones_like(x)) * (1 + 0 * x)
+
+
+def test_online_and_target_passes_see_identical_dropout_masks():
+    probe = MaskProbe().train()
+    seen = {}
+
+    def target(x, sigma):
+        seen["target"] = probe(x, sigma)
+        return seen["target"]
+
+    x = torch.zeros(4, 3, 8, 8, requires_grad=True)
+    sigma = torch.ones(4)
+    _, prediction = tc.consistency_loss(probe, target, x, 2 * sigma, x.detach(), sigma)
+    assert torch.equal(prediction, seen["target"])
+    assert 0.3 < (prediction == 0).float().mean() < 0.7                 # a real mask
+    assert not torch.equal(probe(x, sigma), probe(x, sigma))            # without the fork, masks differ
+
+
+def test_dropout_masks_match_in_the_real_network():
+    """Same weights, same input, same level: the target pass of the real EPG-T (dropout 0.5, train mode) reproduces
+    the online output exactly; two plain passes differ, so dropout is active."""
+    model = randomize(models.build_epg("T", SIZE, num_classes=10, decoder_dropout=0.5), seed=1).train()
+    sigma_min = EPS_B
+    y = torch.tensor([1, 2, 3])
+    x = torch.randn(3, 3, SIZE, SIZE)
+    sigma = torch.tensor([0.5, 1.0, 3.0])
+    f = lambda x, s: losses.consistency_function(model, x, s, y, sigma_min)    # noqa: E731
+    seen = {}
+
+    def target(x, s):
+        seen["target"] = f(x, s)
+        return seen["target"]
+
+    _, prediction = tc.consistency_loss(f, target, x, sigma, x, sigma)
+    assert torch.equal(prediction.detach(), seen["target"])
+    assert prediction.requires_grad and not seen["target"].requires_grad
+    assert not torch.allclose(f(x, sigma), f(x, sigma))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Auxiliary loss (eq. 9)
+# ----------------------------------------------------------------------------------------------------------------
+def test_aux_loss_gradient_reaches_generator_not_w(rcm_ckpt):
+    args = argparse.Namespace(aux_weight=1.0, aux_ckpt=None, init=rcm_ckpt, model="T", aux_features="encoder")
+    W = tc.load_aux_network(args, SIZE, log=lambda *a: None)
+    assert not W.training and not any(p.requires_grad for p in W.parameters())
+    generator = randomize(models.build_epg("T", SIZE, num_classes=10, decoder_dropout=0.5), seed=2).train()
+    x0 = torch.randn(4, 3, SIZE, SIZE).clamp(-1, 1)
+    t = torch.tensor([0.1, 0.5, 2.0, 10.0])
+    x_t = x0 + t.view(-1, 1, 1, 1) * torch.randn_like(x0)
+    y = torch.tensor([0, 1, 2, 3])
+    for kind in ("encoder", "projector"):
+        generator.zero_grad()
+        prediction = losses.consistency_function(generator, x_t, t, y, EPS_B)
+        loss = tc.aux_loss(W, prediction, x0, t, EPS_B, tau=0.1, kind=kind)
+        assert loss.shape == (4,) and torch.isfinite(loss).all() and (loss > 0).all()
+        loss.mean().backward()
+        grads = [p.grad for p in generator.parameters()]
+        assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+        assert all(p.grad is None for p in W.parameters())
+
+
+def test_aux_loss_is_off_without_pretrained_network():
+    args = argparse.Namespace(aux_weight=1.0, aux_ckpt=None, init=None, model="T", aux_features="encoder")
+    notes = []
+    assert tc.load_aux_network(args, SIZE, log=notes.append) is None
+    assert notes and "off" in notes[0]
+
+
+def test_step_lr_schedule():
+    lr = lambda s: tc.step_lr(s, 1e-4, [400_000, 500_000], [0.3, 0.08])     # noqa: E731 - Table 11
+    assert lr(0) == 1e-4 and lr(399_999) == 1e-4
+    assert math.isclose(lr(400_000), 3e-5) and math.isclose(lr(499_999), 3e-5)
+    assert math.isclose(lr(500_000), 8e-6) and math.isclose(lr(700_000), 8e-6)
+    assert math.isclose(tc.step_lr(2_500, 1e-4, [], [], warmup=10_000), 2.5e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs
+# ----------------------------------------------------------------------------------------------------------------
+def tiny_args(out, init, steps, *extra):
+    return ["--model", "T", "--image-size", str(SIZE), "--batch-size", "4", "--steps", str(steps),
+            "--init", init, "--out", str(out), "--log-every", "1", "--lr-milestones", "4", "--lr-factors", "0.3",
+            "--stage-interval", "3", *extra]
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_few_training_steps_are_finite(tmp_path, rcm_ckpt):
+    out = tmp_path / "run"
+    tc.main(tiny_args(out, rcm_ckpt, 4, "--micro-batch", "2"))
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert all(math.isfinite(r[k]) for k in ("loss", "loss_consistency", "loss_aux", "grad_norm"))
+        assert r["loss_aux"] > 0
+    state = trainlib.load_checkpoint(str(out / "ckpt_last.pt"), stage="consistency")
+    assert state["step"] == 4 and set(state) >= {"config", "model", "ema", "optimizer"}
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    init = models.build_epg("T", SIZE, 10)
+    models.load_encoder_from_rcm(init, torch.load(rcm_ckpt, weights_only=True)["model"])
+    assert not torch.equal(state["model"]["out.weight"], init.state_dict()["out.weight"])   # it trained
+
+
+def test_cli_misuse_exits_with_code_2(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        trainlib.cli_main(lambda: tc.main(["--model", "T", "--out", str(tmp_path / "x"), "--steps", "1"]))
+    assert e.value.code == 2
+
+
+def run_script(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "train_consistency.py", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, rcm_ckpt):
+    steps = 12
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    victim = run_script(tiny_args(killed, rcm_ckpt, steps, "--ckpt-every", "3"))
+    deadline = time.time() + 120
+    while not (killed / "ckpt_last.pt").exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = torch.load(killed / "ckpt_last.pt", weights_only=True)["step"]
+    assert 0 < killed_at < steps                                       # really killed mid-run
+    tc.main(tiny_args(full, rcm_ckpt, steps, "--ckpt-every", "3"))     # the uninterrupted run, in this process
+    resumed = run_script(tiny_args(killed, rcm_ckpt, steps, "--ckpt-every", "3"))
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "resumed from" in stdout and f"at step {killed_at}" in stdout
+    a = torch.load(full / "ckpt_last.pt", weights_only=True)
+    b = torch.load(killed / "ckpt_last.pt", weights_only=True)
+    assert a["step"] == b["step"] == steps
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+def test_two_processes_equal_one(tmp_path, rcm_ckpt, run_torchrun):
+    """Same global batch on 1 and 2 processes (dropout off: the masks are drawn per rank): same logged losses,
+    including the auxiliary NT-Xent whose negatives are gathered over the global batch."""
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        result = run_torchrun(nproc, "train_consistency.py", *tiny_args(out, rcm_ckpt, 2, "--dropout", "0"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[nproc] = read_metrics(out)
+    for one, two in zip(runs[1], runs[2]):
+        for key in ("loss", "loss_consistency", "loss_aux"):
+            assert math.isclose(one[key], two[key], rel_tol=1e-4), (key, one, two)
