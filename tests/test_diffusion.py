@@ -1,0 +1,218 @@
+"""Tests of train_diffusion.py: encoder transfer from an RCM checkpoint, the loss and its weighting against an
+independent computation, the EMA relation, bitwise resume after kill -9, and 2 processes == 1 process."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import train_diffusion
+import trainlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 16                                  # EPG-T at 16x16: 8x8 tokens of 2x2 pixels
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks gain nothing from intra-op threads; on a busy 2-core machine OpenMP spin-waits slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_rcm(path, image_size=SIZE, seed=0):
+    torch.manual_seed(seed)
+    rcm = models.build_rcm("T", image_size)
+    torch.save({"stage": "pretrain", "config": {"model": "T", "image_size": image_size}, "step": 7,
+                "model": rcm.state_dict(), "momentum": rcm.state_dict(), "optimizer": {}}, path)
+    return rcm.state_dict()
+
+
+@pytest.fixture(scope="module")
+def rcm_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rcm") / "rcm.pt"
+    write_rcm(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initialisation from the pre-trained encoder (§3.3)
+# ----------------------------------------------------------------------------------------------------------------
+def test_pretrained_encoder_transfers_exactly(tmp_path):
+    rcm_state = write_rcm(tmp_path / "rcm.pt", seed=5)
+    args = SimpleNamespace(model="T", image_size=SIZE, init=str(tmp_path / "rcm.pt"), from_scratch=False, seed=3)
+    model = trainlib.build_finetune_model(args, 10, log=lambda *a: None)
+    state = model.state_dict()
+    torch.manual_seed(3)
+    fresh = models.build_epg("T", SIZE, 10).state_dict()
+    encoder_keys = [k for k in state if k.startswith("encoder.")]
+    assert encoder_keys and sorted(encoder_keys) == sorted(k for k in rcm_state if k.startswith("encoder."))
+    for k in encoder_keys:
+        assert torch.equal(state[k], rcm_state[k]), k
+    matrices = [k for k in encoder_keys if state[k].dim() >= 2]           # random at init: they must differ
+    assert matrices and all(not torch.equal(state[k], fresh[k]) for k in matrices)
+    for k in state:                           # decoder, class embedding, output layer: untouched fresh weights
+        if not k.startswith("encoder."):
+            assert torch.equal(state[k], fresh[k]), k
+    assert not any("projector" in k for k in state)
+
+
+def test_pretrained_encoder_of_another_size_is_a_clear_error(tmp_path):
+    write_rcm(tmp_path / "rcm32.pt", image_size=32)
+    args = SimpleNamespace(model="T", image_size=SIZE, init=str(tmp_path / "rcm32.pt"), from_scratch=False, seed=0)
+    with pytest.raises(trainlib.UserError, match="32"):
+        trainlib.build_finetune_model(args, 10, log=lambda *a: None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss and weighting (eq. 1, Table 9) against an independent float64 computation
+# ----------------------------------------------------------------------------------------------------------------
+def karras(n, i):
+    lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+    return (hi + i / (n - 1) * (lo - hi)) ** 7
+
+
+def test_noise_levels_weights_and_loss_match_an_independent_computation():
+    args = SimpleNamespace(seed=11, batch_size=6, image_size=SIZE, label_dropout=0.1)
+    sigma, weight, drop, eps = train_diffusion.step_randomness(args, 4, torch.device("cpu"))
+    assert eps.shape == (6, 3, SIZE, SIZE) and drop.dtype == torch.bool
+
+    # sigma: lognormal(-1.2, 1.6) snapped to the nearest of the 1280 grid points; weight 1 / (t_n - t_{n+1})
+    normal = torch.randn(6, generator=trainlib.step_generator(11, 4, "cpu", stream=0), dtype=torch.float64).numpy()
+    t = np.exp(-1.2 + 1.6 * normal)
+    grid = karras(1280, np.arange(1280.0))
+    n = np.array([np.argmin(np.abs(grid - v)) for v in t])
+    assert np.allclose(sigma.numpy(), grid[n], rtol=1e-6)
+    assert np.allclose(weight.numpy(), 1.0 / (karras(1280, n) - karras(1280, n + 1.0)), rtol=1e-5)
+
+    torch.manual_seed(0)
+    net = models.build_epg("T", SIZE, 10)
+    torch.nn.init.normal_(net.out.weight, std=0.1)                    # otherwise the output is exactly zero
+    x0 = torch.rand(6, 3, SIZE, SIZE) * 2 - 1
+    y = torch.tensor([0, 3, 10, 5, 9, 10])
+    loss = train_diffusion.denoising_loss(net, x0, y, sigma, weight, eps, SIZE / 64, torch.device("cpu"))
+
+    s = SIZE / 64                                                     # resolution shift, Table 9
+    sig = s * grid[n]
+    x_t = x0.double().numpy() + sig[:, None, None, None] * eps.double().numpy()
+    c_in = 1 / np.sqrt(sig ** 2 + 0.25)
+    with torch.no_grad():
+        out = net(torch.from_numpy(c_in[:, None, None, None] * x_t).float(),
+                  torch.from_numpy(250 * np.log(sig)).float(), y).double().numpy()
+    expected = np.mean(weight.double().numpy() * ((out - x0.double().numpy()) ** 2).reshape(6, -1).mean(axis=1))
+    assert math.isclose(loss.item(), expected, rel_tol=1e-4)
+
+
+def test_label_dropout_rate_and_noise_statistics():
+    args = SimpleNamespace(seed=2, batch_size=4000, image_size=8, label_dropout=0.1)
+    sigma, weight, drop, eps = train_diffusion.step_randomness(args, 0, torch.device("cpu"))
+    assert abs(drop.float().mean().item() - 0.1) < 4.5 * math.sqrt(0.09 / 4000)
+    assert abs(eps.mean().item()) < 0.01 and abs(eps.std().item() - 1) < 0.01
+    assert abs(np.median(np.log(sigma.numpy())) + 1.2) < 0.1           # median of lognormal(-1.2, 1.6)
+    again = train_diffusion.step_randomness(args, 0, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip((sigma, weight, drop, eps), again))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs: EMA relation, resume after kill -9, 2 processes == 1 process
+# ----------------------------------------------------------------------------------------------------------------
+def train_args(rcm, out, steps=4):
+    return ["--model", "T", "--image-size", SIZE, "--batch-size", 4, "--steps", steps, "--init", rcm, "--out", out,
+            "--ckpt-every", 1, "--keep-every", 1, "--log-every", 1, "--sample-every", 0, "--sample-steps", 2,
+            "--eval-samples", 0, "--device", "cpu", "--ema", 0.9, "--lr", 1e-3]
+
+
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def train(*args):
+    cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(rcm_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dm") / "run"
+    r = train(*train_args(rcm_path, out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_training_runs_logs_and_keeps_the_ema_relation(uninterrupted):
+    lines = [json.loads(l) for l in open(uninterrupted / "metrics.jsonl")]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4] and all(math.isfinite(l["loss"]) for l in lines)
+    assert (uninterrupted / "samples_0000004.png").exists()
+    s2, s3 = load(uninterrupted / "ckpt_0000002.pt"), load(uninterrupted / "ckpt_0000003.pt")
+    assert s3["stage"] == "diffusion" and s3["step"] == 3 and s3["config"]["normalize"] == "simple"
+    changed = 0
+    for k, ema3 in s3["ema"].items():                 # theta_ema(3) = 0.9 theta_ema(2) + 0.1 theta(3)
+        expected = 0.9 * s2["ema"][k] + 0.1 * s3["model"][k]
+        assert torch.allclose(ema3, expected, atol=1e-6, rtol=1e-5), k
+        changed += not torch.equal(s2["model"][k], s3["model"][k])
+    assert changed > 10                                # the online weights do move
+
+
+def test_resume_after_kill_equals_uninterrupted_bitwise(rcm_path, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(rcm_path, out)
+    cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "ckpt_0000002.pt").exists():
+            break
+        time.sleep(0.05)
+    killed_mid_run = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if killed_mid_run:
+        assert load(out / "ckpt_last.pt")["step"] < 4
+    r = train(*args)
+    assert r.returncode == 0, r.stderr
+    a, b = load(uninterrupted / "ckpt_last.pt"), load(out / "ckpt_last.pt")
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for k, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][k][name]), (k, name)
+
+
+def test_changed_settings_refuse_to_resume(rcm_path, uninterrupted, tmp_path, monkeypatch, capsys):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    args = train_args(rcm_path, out, steps=6)
+    args[args.index("--batch-size") + 1] = 8
+    monkeypatch.setattr(sys, "argv", ["train_diffusion.py", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        trainlib.cli_main(train_diffusion.main)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "cannot resume" in err and "--batch-size" in err and "\n" not in err
+    assert load(out / "ckpt_last.pt")["step"] == 4                     # nothing was overwritten
+
+
+def test_two_processes_match_one(rcm_path, uninterrupted, tmp_path, run_torchrun):
+    out = tmp_path / "ddp"
+    args = train_args(rcm_path, out, steps=2)
+    r = run_torchrun(2, "train_diffusion.py", *args)
+    assert r.returncode == 0, r.stderr
+    a, b = load(uninterrupted / "ckpt_0000002.pt"), load(out / "ckpt_last.pt")
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.allclose(a[part][k], b[part][k], atol=2e-5, rtol=1e-4), (part, k)
