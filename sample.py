@@ -239,8 +239,27 @@ def consistency_sample(f, z, shift, mid_sigmas=()):
 # ----------------------------------------------------------------------------------------------------------------
 # Model loading and output
 # ----------------------------------------------------------------------------------------------------------------
+def load_official_generator(path, weights="ema"):
+    """An EPG released by the authors (a folder of state dicts or one .pth): (model, config, stage, official
+    sampling defaults). The config carries the official normalisation so the released FIDs can be reproduced."""
+    import official
+    try:
+        kind, cfg, state = official.load_official(path, prefer=weights)
+        defaults = official.official_sampling(cfg)
+        model = official.build_model(cfg)
+        model.load_state_dict(state)
+    except official.OfficialCheckpointError as e:
+        raise trainlib.UserError(f"'{path}': {e}") from None
+    cfg = {**cfg, "normalize": defaults["normalize"]}
+    return model.eval().requires_grad_(False), cfg, defaults["stage"], defaults
+
+
 def load_generator(path, weights="ema"):
-    """(EPG model in eval mode with the chosen weights, checkpoint config, stage) from a fine-tuning checkpoint."""
+    """(EPG model in eval mode with the chosen weights, checkpoint config, stage, sampling defaults) from a
+    fine-tuning checkpoint of this project or an official one (see load_official_generator)."""
+    import official
+    if os.path.isdir(path) or official.is_official_checkpoint(path):
+        return load_official_generator(path, weights)
     state = trainlib.load_checkpoint(path)
     stage = state["stage"]
     if stage == "pretrain":
@@ -261,7 +280,7 @@ def load_generator(path, weights="ema"):
     except RuntimeError as e:
         raise trainlib.UserError(f"'{path}': the {key} weights do not match EPG-{cfg['model']} "
                                  f"({str(e).splitlines()[0]})") from None
-    return model.eval().requires_grad_(False), cfg, stage
+    return model.eval().requires_grad_(False), cfg, stage, {}
 
 
 def save_grid(images, path, columns):
@@ -321,8 +340,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (grid points); default {CONFIG['heun_steps']} Heun, {CONFIG['euler_steps']} "
                         f"Euler, {CONFIG['consistency_steps']} consistency (1 or 2)")
-    p.add_argument("--cfg-scale", type=float, default=CONFIG["cfg_scale"],
-                   help="guidance scale w of D_u + w (D_c - D_u); 1 = off (2.5: EPG-XL/16 @256, 3.2: EPG-L/32 @512)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="guidance scale w of D_u + w (D_c - D_u); 1 = off (2.5: EPG-XL/16 @256, 3.2: EPG-L/32 @512). "
+                        "Default 1, or the official script's scale for the authors' released checkpoints")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=list(CONFIG["cfg_interval"]), metavar=("LO", "HI"),
                    help="guide only where LO < sigma/s <= HI (unshifted sigma)")
     p.add_argument("--mid-sigma", type=float, default=CONFIG["mid_sigma"],
@@ -331,8 +351,9 @@ def parse_args(argv=None):
                    help="random (uniform), balanced (equal counts, sorted), or a comma-separated list of class ids")
     p.add_argument("--class-label", type=int, default=None, help="every image of this class (same as --labels K)")
     p.add_argument("--weights", choices=("ema", "online"), default="ema", help="EMA or online weights")
-    p.add_argument("--clamp", choices=("data", "official", "none"), default=CONFIG["clamp"],
-                   help="clamp the denoiser output: data = valid normalised range per channel, official = [-1, 1]")
+    p.add_argument("--clamp", choices=("data", "official", "none"), default=None,
+                   help="clamp the denoiser output: data = valid normalised range per channel (default), official = "
+                        "[-1, 1] (the default for the authors' released checkpoints, to reproduce their FIDs)")
     p.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded by (seed, i)")
     p.add_argument("--png", action="store_true", help="also write one PNG per image to OUT/images/")
     p.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast (default: fp32)")
@@ -375,7 +396,15 @@ def resolve_sampler(args, stage):
 def main():
     args = parse_args()
     env = trainlib.init_distributed(args.device)
-    model, cfg, stage = load_generator(args.ckpt, args.weights)
+    model, cfg, stage, official_defaults = load_generator(args.ckpt, args.weights)
+    # official checkpoints: the official clamp and guidance scale unless given on the command line
+    if args.clamp is None:
+        args.clamp = official_defaults.get("clamp", CONFIG["clamp"])
+    if args.cfg_scale is None:
+        args.cfg_scale = official_defaults.get("cfg_scale") or CONFIG["cfg_scale"]
+    if official_defaults and env.is_main:
+        print(f"official checkpoint: normalize {cfg['normalize']}, clamp {args.clamp}, CFG scale {args.cfg_scale}, "
+              f"{official_defaults['stage']} model (override with --clamp/--cfg-scale/--sampler)")
     resolve_sampler(args, stage)
     model.to(env.device)
     num_classes = cfg["num_classes"]

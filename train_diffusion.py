@@ -76,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=CONFIG["warmup"], help="warm-up steps of warmup-cosine")
     p.add_argument("--grad-clip", type=float, default=CONFIG["grad_clip"], help="grad-norm clip (0: off)")
     p.add_argument("--ema", type=float, default=None, help=f"EMA decay (default {CONFIG['ema']}; {TINY['ema']} for T)")
+    p.add_argument("--p-mean", type=float, default=CONFIG["p_mean"], help="mean of ln t of the noise proposal (Table 9)")
+    p.add_argument("--p-std", type=float, default=CONFIG["p_std"], help="std of ln t of the noise proposal (Table 9)")
     p.add_argument("--label-dropout", type=float, default=CONFIG["label_dropout"],
                    help="probability of replacing the label by the null class (for classifier-free guidance)")
     p.add_argument("--normalize", choices=data.NORMALIZATIONS, default=None,
@@ -114,7 +116,7 @@ def step_randomness(args, step, device):
     drop (B,) bool (label -> null class, w.p. --label-dropout), eps (B, 3, H, W) standard normal on `device`.
     """
     g = trainlib.step_generator(args.seed, step, "cpu", stream=0)
-    sigma, weight = losses.diffusion_noise(args.batch_size, g, CONFIG["p_mean"], CONFIG["p_std"], CONFIG["num_scales"])
+    sigma, weight = losses.diffusion_noise(args.batch_size, g, args.p_mean, args.p_std, CONFIG["num_scales"])
     drop = torch.rand(args.batch_size, generator=g) < args.label_dropout
     eps = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device,
                       generator=trainlib.step_generator(args.seed, step, device, stream=1))
@@ -207,8 +209,8 @@ def main():
                   data=args.data, seed=args.seed, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
                   lr_schedule=args.lr_schedule, warmup=args.warmup, betas=list(CONFIG["betas"]),
                   weight_decay=args.weight_decay, no_weight_decay=["pos_embed", "cls_token"],
-                  grad_clip=args.grad_clip, ema=args.ema, label_dropout=args.label_dropout, p_mean=CONFIG["p_mean"],
-                  p_std=CONFIG["p_std"], num_scales=CONFIG["num_scales"], shift=shift, init=args.init,
+                  grad_clip=args.grad_clip, ema=args.ema, label_dropout=args.label_dropout, p_mean=args.p_mean,
+                  p_std=args.p_std, num_scales=CONFIG["num_scales"], shift=shift, init=args.init,
                   from_scratch=args.from_scratch)
     if resume is not None:
         keys = RESUME_KEYS + (("steps",) if args.lr_schedule == "warmup-cosine" else ())

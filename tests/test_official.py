@@ -547,3 +547,45 @@ def test_official_sampling_defaults():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229 * 2, 0.224 * 2, 0.225 * 2]).view(3, 1, 1)
     torch.testing.assert_close(data.normalize(x, "imagenet"), (x - mean) / std)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The readers of the project accept official checkpoints (sample.py --ckpt, --init of the training scripts)
+# ----------------------------------------------------------------------------------------------------------------
+def test_sample_py_reads_an_official_folder_with_official_defaults(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    cfg = models.model_config("T")
+    folder = tmp_path / "EPG-T"
+    folder.mkdir()
+    sd = official_epg(cfg["depth"], cfg["enc_dim"], cfg["dec_dim"], 4, 32, 10, torch.Generator().manual_seed(5))
+    torch.save(sd, folder / "nnet_ema.pth")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "samples"
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(folder), "--num-samples", "3", "--steps", "3",
+                             "--out", str(out), "--no-progress", "--device", "cpu"], cwd=root, capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "normalize imagenet, clamp official" in result.stdout
+    arr = np.load(out / "samples.npz")["arr_0"]
+    assert arr.shape == (3, 32, 32, 3) and arr.dtype == np.uint8
+
+
+def test_init_from_an_official_rcm_transfers_the_encoder(tmp_path):
+    import argparse
+
+    import trainlib
+    cfg = models.model_config("T")
+    sd = official_rcm(cfg["depth"], cfg["enc_dim"], 4, 32, cfg["proj_hidden"], cfg["proj_dim"],
+                      torch.Generator().manual_seed(6))
+    path = tmp_path / "nnet.pth"
+    torch.save(sd, path)
+    args = argparse.Namespace(model="T", image_size=32, seed=0, from_scratch=False, init=str(path))
+    model = trainlib.build_finetune_model(args, num_classes=10, log=lambda *a: None)
+    ours = official.convert_rcm(sd)
+    for key, value in model.state_dict().items():
+        if key.startswith("encoder."):
+            assert torch.equal(value, ours[key]), key
