@@ -325,15 +325,23 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def _check_sizes(self, samples=8):
         expected = (self.image_size, self.image_size)
-        for i in np.unique(np.linspace(0, len(self) - 1, samples).round().astype(np.int64)):
+        checked = np.unique(np.linspace(0, len(self) - 1, samples).round().astype(np.int64))
+        unreadable = []
+        for i in checked:
             try:
                 with Image.open(self.path(i)) as im:
                     size = im.size
-            except Exception:
+                    im.load()  # decodes the pixels: catches truncated files as well
+            except Exception as error:
+                unreadable.append(f"{self.path(i)} ({type(error).__name__})")
                 continue  # unreadable files are handled (skipped) when loading
             if size != expected:
                 raise DataError(f"images in {self.root} must be {expected[0]}x{expected[1]} but {self.path(i)} is "
                                 f"{size[0]}x{size[1]}; preprocess the folder once with {_prepare_hint(self.image_size)}")
+        if len(unreadable) == len(checked):
+            raise DataError(f"none of the {len(checked)} images checked in {self.root} can be read, e.g. "
+                            f"{unreadable[0]}; replace the corrupt files or prepare the folder again with "
+                            f"{_prepare_hint(self.image_size)}")
 
     def _report(self, i, message):
         if i not in self._reported:

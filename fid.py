@@ -1009,6 +1009,7 @@ def run(args):
         metrics = embedded_metrics(images, samples.labels, args.image_size, device, cache_dir=args.cache_dir)
         report(metrics, args.out, EMBEDDED_LABELS)
         return
+    reference = open_input(args.reference) if not args.save_stats else None   # a bad path fails before the weights load
     model = load_inception(args.inception, device, args.resize)
     if args.save_stats:
         if samples.images is None:
@@ -1018,7 +1019,6 @@ def run(args):
             save_statistics(args.save_stats, stats, args.resize)
             print(f"statistics of {len(samples.images)} images written to {args.save_stats}", file=sys.stderr)
         return
-    reference = open_input(args.reference)
     for source in (samples, reference):            # ADM reference batches come from the TF graph: "tf"
         recorded = source.resize or ("tf" if "mu_s" in source.stats else None)
         if rank == 0 and recorded not in (None, args.resize):

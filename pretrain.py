@@ -401,6 +401,8 @@ def main(argv=None):
         sigma_n, sigma_next, eps = sigma_n[mine], sigma_next[mine], eps[mine]
         tau_rc = losses.rc_tau(sigma_n, step, args.steps, args.tau1, args.tau2, args.tau_schedule)
         step_sums = torch.zeros(3, device=device)                                 # loss, contrastive, consistency
+        if args.skip_nonfinite:       # BatchNorm statistics, restored if this step is skipped (forward updates them)
+            buffers = [b.clone() for m in (rcm, momentum) for b in m.buffers()]
 
         for micro in range(accumulation):
             part = slice(micro * micro_batch, (micro + 1) * micro_batch)
@@ -434,9 +436,12 @@ def main(argv=None):
         step += 1
         log_now = step % args.log_every == 0 or step == args.steps
         gnorm = trainlib.grad_norm(rcm) if log_now else None
-        if args.skip_nonfinite and not torch.isfinite(trainlib.all_reduce_mean(step_sums.clone())[0]).item():
-            log(f"step {step}: non-finite loss, optimiser step skipped")
+        if args.skip_nonfinite and not (torch.isfinite(trainlib.all_reduce_mean(step_sums.clone())[0])
+                                        & torch.isfinite(trainlib.grad_norm(rcm))).item():
+            log(f"step {step}: non-finite loss or gradient, optimiser step skipped")
             optimizer.zero_grad(set_to_none=True)
+            for b, saved in zip((b for m in (rcm, momentum) for b in m.buffers()), buffers):
+                b.copy_(saved)
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -467,10 +472,11 @@ def main(argv=None):
         save_last = step % args.ckpt_every == 0 or step == args.steps
         keep = args.keep_every and step % args.keep_every == 0
         if is_main and (save_last or keep):
-            if nonfinite.item():
-                raise trainlib.NonFiniteLoss(f"the loss became non-finite before step {step}; no checkpoint was "
-                                             f"written and the last good one was kept. Lower --lr or pass "
-                                             f"--skip-nonfinite")
+            if nonfinite.item() or not all(t.isfinite().all() for t in rcm.state_dict().values()
+                                           if t.is_floating_point()):
+                raise trainlib.NonFiniteLoss(f"the loss or weights became non-finite at or before step {step}; no "
+                                             f"checkpoint was written and the last good one was kept. Lower --lr "
+                                             f"or pass --skip-nonfinite")
             state = checkpoint_state(config, step, rcm, momentum, optimizer)
             if keep:
                 trainlib.save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), state)

@@ -370,19 +370,19 @@ def main(argv=None):
                 (loss / accum).backward()
             step_terms += torch.stack([cm.mean(), aux.mean(), loss]).detach().float() / accum
 
-        if args.skip_nonfinite and not torch.isfinite(trainlib.all_reduce_mean(step_terms.clone())).all():
-            log(f"step {step}: non-finite loss, optimiser step skipped")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            continue
-        sums += step_terms
         norm = trainlib.grad_norm(raw) if ((step + 1) % args.log_every == 0 or step + 1 == args.steps) else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        trainlib.ema_update(ema, raw, args.ema)
+        skipped = args.skip_nonfinite and not (torch.isfinite(trainlib.all_reduce_mean(step_terms.clone())).all()
+                                               & torch.isfinite(trainlib.grad_norm(raw))).item()
+        if skipped:     # the weights stay as they are; logging and checkpoints go on as usual
+            log(f"step {step}: non-finite loss or gradient, optimiser step skipped")
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            sums += step_terms
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            trainlib.ema_update(ema, raw, args.ema)
+            sums_count += 1
         step += 1
-        sums_count += 1
         speed.add(args.batch_size)
         bar.update(1)
 
@@ -401,7 +401,7 @@ def main(argv=None):
             sums_count = 0
         if is_main and (step % args.ckpt_every == 0 or step == args.steps
                         or (args.keep_every and step % args.keep_every == 0)):
-            if not (all_finite(raw) and torch.isfinite(step_terms).all().item()):
+            if not (all_finite(raw) and (skipped or torch.isfinite(step_terms).all().item())):
                 raise trainlib.NonFiniteLoss(f"weights or loss became non-finite at step {step}; the last good "
                                              f"checkpoint was kept. Lower --lr or pass --skip-nonfinite")
             state = {"stage": "consistency", "config": config, "step": step, "model": raw.state_dict(),

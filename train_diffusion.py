@@ -21,7 +21,6 @@ Rerunning the same command after an interruption resumes from OUT/ckpt_last.pt.
 import contextlib
 import copy
 import json
-import math
 import os
 import sys
 
@@ -105,6 +104,10 @@ def parse_args(argv=None):
     if args.model not in models.MODEL_CONFIGS:
         raise trainlib.UserError(f"unknown --model {args.model}; choose one of {', '.join(models.MODEL_CONFIGS)}")
     trainlib.resolve_image_size(args)
+    try:
+        models.patch_size_for(args.model, args.image_size)
+    except ValueError as e:
+        raise trainlib.UserError(str(e)) from None
     return args
 
 
@@ -253,13 +256,15 @@ def main():
     loss = gnorm = torch.zeros((), device=device)
 
     def save(step):
-        """Atomic OUT/ckpt_last.pt (+ ckpt_<step>.pt every --keep-every); never with a non-finite loss."""
+        """Atomic OUT/ckpt_last.pt (+ ckpt_<step>.pt every --keep-every); never with a non-finite loss (with
+        --skip-nonfinite, a non-finite step left the weights untouched, so they are saved)."""
         if not env.is_main:
             return
-        if args.skip_nonfinite and not math.isfinite(float(loss)):
-            log(f"step {step}: loss is not finite, checkpoint not written")
-            return
-        trainlib.check_finite(float(loss), step)
+        if not args.skip_nonfinite:
+            trainlib.check_finite(float(loss), step)
+        elif not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise trainlib.NonFiniteLoss(f"the weights became non-finite at or before step {step}; the last good "
+                                         f"checkpoint was kept. Lower --lr")
         state = {"stage": "diffusion", "config": config, "step": step, "model": trainlib.unwrap(net).state_dict(),
                  "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
         trainlib.save_checkpoint(ckpt_path, state)
@@ -301,13 +306,13 @@ def main():
         else:
             optimizer.step()
             trainlib.ema_update(ema, model, args.ema)
-        loss_sum, loss_count = loss_sum + loss, loss_count + 1
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1                   # logged: applied steps only
         speed.add(args.batch_size)
         done = step + 1
         bar.update(1)
 
         if done % args.log_every == 0 or done == args.steps:
-            mean_loss = trainlib.all_reduce_mean(loss_sum / loss_count).item()        # the one host sync
+            mean_loss = trainlib.all_reduce_mean(loss_sum / max(loss_count, 1)).item()  # the one host sync
             trainlib.check_finite(mean_loss, done)
             record = dict(step=done, loss=mean_loss, lr=lr, grad_norm=float(gnorm), images_per_s=speed.rate(),
                           peak_memory_gb=trainlib.peak_memory_gb(device))

@@ -32,6 +32,7 @@ def cli_main(main):
     try:
         main()
     except (UserError, DataError) as e:
+        _close_progress_bars()                     # so that the message starts a line of its own
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -40,6 +41,12 @@ def cli_main(main):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _close_progress_bars():
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,7 +232,9 @@ def check_output_dir(out):
 
 def save_checkpoint(path, state):
     """Write `state` to `path` atomically: a temporary file in the same directory, fsync, then rename.
-    A kill at any moment leaves either the old file or the new one, never a torn one."""
+    A kill at any moment leaves either the old file or the new one, never a torn one. A kill during the write
+    leaves its temporary file `path`.tmp-PID behind; once the new file is in place, such leftovers of earlier
+    (killed) writers of `path` are removed (only one process writes a given checkpoint)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -238,6 +247,11 @@ def save_checkpoint(path, state):
             os.remove(tmp)
         raise UserError(f"could not write checkpoint '{path}' ({e.strerror}); free disk space or choose another "
                         f"--out. The previous checkpoint is intact.") from None
+    folder, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".tmp-"
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(prefix):
+                os.remove(os.path.join(folder, name))
 
 
 def load_checkpoint(path, stage=None):

@@ -1,0 +1,439 @@
+"""Reliability of every stage: kills (also during a checkpoint write), resume on another number of processes,
+refused resumes, non-finite losses, unwritable outputs, and one table of bad command-line inputs.
+
+What the other test files already check is not repeated here (per training script: kill -9 between checkpoints +
+rerun == uninterrupted, 2 processes == 1 process; sample.py/fid.py: missing/corrupt checkpoint and weights, bad
+npz via fid.open_input). Every assertion is against an invariant: a checkpoint that survives a kill equals the
+uninterrupted run's checkpoint of the same step (bitwise, CPU), a resumed run ends where the uninterrupted one ends,
+a refused command leaves the output directory byte-for-byte as it was, a user error is one line and exit code 2.
+CPU, EPG-T/RCM-T at 16 px, global batch 4, a few steps; runs in-process where it can (start-up dominates).
+"""
+import hashlib
+import io
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fid
+import models
+import pretrain
+import sample
+import train_consistency
+import train_diffusion
+import trainlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+SIZE = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks on a shared 2-core machine: one thread, as in the subprocesses (OMP_NUM_THREADS=1), so that
+    in-process and subprocess runs compute bitwise the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file under `folder` ({} when it does not exist)."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def cli(monkeypatch, capsys, module, argv):
+    """Run `module.main` in this process as `python module.py argv` under trainlib.cli_main.
+    Returns (exit code, stdout, stderr); exit code 0 when main returned normally."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+    try:
+        trainlib.cli_main(module.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(code, err, expected):
+    """Exit code 2, no traceback, and the last line is our 'error: ...' or argparse's 'PROG: error: ...'."""
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines, "no message on stderr"
+    last = lines[-1]
+    assert last.startswith("error:") or re.match(r"^[\w.]+\.py: error: ", last), last
+    assert expected in last, last
+
+
+def assert_same_state(a, b, parts, where=""):
+    """Bitwise equality of the weight dicts `parts` and of the AdamW state of two checkpoints."""
+    assert a["step"] == b["step"], where
+    for part in parts:
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{where}: {part}.{k}"
+    for i, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][i][name])), \
+                f"{where}: optimizer {i}.{name}"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoints and data directories the tests point the scripts at."""
+    root = tmp_path_factory.mktemp("inputs")
+    paths = {}
+    for size in (SIZE, 32):                                    # pre-trained RCM-T checkpoints (random weights)
+        torch.manual_seed(0)
+        rcm = models.build_rcm("T", size)
+        paths[f"rcm{size}"] = str(root / f"rcm{size}.pt")
+        trainlib.save_checkpoint(paths[f"rcm{size}"], {
+            "stage": "pretrain", "config": {"model": "T", "image_size": size, "normalize": "simple"},
+            "step": 0, "model": rcm.state_dict()})
+    torch.manual_seed(1)
+    epg = models.build_epg("T", SIZE, 10).state_dict()
+    config = dict(model="T", image_size=SIZE, num_classes=10, normalize="simple", patch_size=2)
+    for name, cfg in (("dm", config), ("dm_wrong_size", {**config, "model": "S"})):
+        paths[name] = str(root / f"{name}.pt")
+        trainlib.save_checkpoint(paths[name], {"stage": "diffusion", "config": cfg, "step": 3, "model": epg,
+                                               "ema": epg, "optimizer": {}})
+    blob = open(paths["dm"], "rb").read()
+    paths["truncated_ckpt"] = str(root / "truncated.pt")
+    open(paths["truncated_ckpt"], "wb").write(blob[:len(blob) // 2])
+    paths["garbage_ckpt"] = str(root / "garbage.pt")
+    open(paths["garbage_ckpt"], "wb").write(b"PK\x03\x04 not a checkpoint" * 20)
+
+    # data directories: missing, empty, only non-image files, only corrupt images, only truncated images
+    paths["data_missing"] = str(root / "no_such_dir")
+    (root / "data_empty").mkdir()
+    paths["data_empty"] = str(root / "data_empty")
+    for kind in ("text", "corrupt", "truncated"):
+        folder = root / f"data_{kind}" / "cls"
+        folder.mkdir(parents=True)
+        paths[f"data_{kind}"] = str(folder.parent)
+        for i in range(3):
+            if kind == "text":
+                (folder / f"{i}.txt").write_text("not an image")
+            elif kind == "corrupt":
+                (folder / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+            else:
+                buffer = io.BytesIO()
+                Image.fromarray(np.random.default_rng(i).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(
+                    buffer, format="PNG")
+                (folder / f"{i}.png").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+
+    # npz files for fid.py: one valid, and wrong key / shape / dtype / labels / truncated / not an npz at all
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    npz = {"good": dict(arr_0=images), "wrong_key": dict(images=images),
+           "wrong_shape": dict(arr_0=images.transpose(0, 3, 1, 2).copy()),
+           "wrong_dtype": dict(arr_0=images.astype(np.uint16)),
+           "wrong_labels": dict(arr_0=images, arr_1=np.zeros(4, np.float32))}
+    for name, arrays in npz.items():
+        paths[f"npz_{name}"] = str(root / f"{name}.npz")
+        np.savez(paths[f"npz_{name}"], **arrays)
+    blob = open(paths["npz_good"], "rb").read()
+    paths["npz_truncated"] = str(root / "truncated.npz")
+    open(paths["npz_truncated"], "wb").write(blob[:len(blob) // 2])
+    paths["npz_text"] = str(root / "text.npz")
+    open(paths["npz_text"], "w").write("arr_0 = 1, 2, 3")
+    paths["regular_file"] = str(root / "regular_file")
+    open(paths["regular_file"], "w").write("a file, not a directory")
+    return paths
+
+
+def base_args(script, files):
+    """A tiny, valid command line of each script (later flags override earlier ones)."""
+    common = ["--model", "T", "--image-size", SIZE, "--batch-size", 4, "--steps", 2, "--device", "cpu",
+              "--log-every", 1]
+    return {
+        pretrain: common + ["--probe-every", 0],
+        train_diffusion: common + ["--init", files["rcm16"], "--sample-every", 0, "--eval-samples", 0,
+                                   "--sample-steps", 2],
+        train_consistency: common + ["--init", files["rcm16"]],
+        sample: ["--ckpt", files["dm"], "--num-samples", 2, "--steps", 2, "--device", "cpu", "--no-progress"],
+        fid: ["--embedded", "--device", "cpu", "--no-progress"],                 # + SAMPLES [REFERENCE]
+    }[script]
+
+
+TRAINERS = {"pretrain": pretrain, "diffusion": train_diffusion, "consistency": train_consistency}
+WEIGHTS = {pretrain: ("model", "momentum"), train_diffusion: ("model", "ema"), train_consistency: ("model", "ema")}
+OTHER_STAGE = {pretrain: "dm", train_diffusion: "rcm16", train_consistency: "dm"}   # a checkpoint of another stage
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults: kills during checkpoint writes, at random moments; the previous checkpoint survives; exact resume
+# ----------------------------------------------------------------------------------------------------------------
+TEAR = """
+import io, os, runpy, signal, sys, torch
+tear_at, real_save, calls = int(os.environ["TEAR_AT"]), torch.save, [0]
+def torn_save(obj, f, *args, **kwargs):      # the TEAR_AT-th checkpoint write stops half-way: SIGKILL
+    calls[0] += 1
+    if calls[0] != tear_at:
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = torn_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+FAULT_STEPS = 5
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_kill_during_checkpoint_write_keeps_previous_and_resume_is_exact(name, files, tmp_path, monkeypatch, capsys):
+    script = TRAINERS[name]
+    args = base_args(script, files) + ["--steps", FAULT_STEPS, "--ckpt-every", 1, "--keep-every", 0]
+    # the uninterrupted run keeps every step's checkpoint: the reference for whatever survives a kill
+    code, _, err = cli(monkeypatch, capsys, script, args + ["--out", tmp_path / "straight", "--keep-every", 1])
+    assert code == 0, err[-2000:]
+    reference = lambda step: load(tmp_path / "straight" / f"ckpt_{step:07d}.pt")   # noqa: E731
+    out = tmp_path / "killed"
+    killed_in_write = 0
+
+    # 1) SIGKILL in the middle of the 3rd checkpoint write (half of the bytes on disk)
+    result = subprocess.run([sys.executable, "-c", TEAR, f"{script.__name__}.py", *map(str, args), "--out", out],
+                            cwd=ROOT, env={**ENV, "TEAR_AT": "3"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    leftovers = [f for f in os.listdir(out) if f.startswith("ckpt_last.pt.tmp-")]
+    assert len(leftovers) == 1                                    # the torn temporary file ...
+    with pytest.raises(Exception):
+        load(out / leftovers[0])                                  # ... is unusable, but
+    survivor = load(out / "ckpt_last.pt")                         # the previous checkpoint is intact:
+    assert survivor["step"] == 2
+    assert_same_state(survivor, reference(2), WEIGHTS[script], "after a torn write")
+    killed_in_write += 1
+
+    # 2) pretrain: more kills at seeded random moments after a checkpoint write, each may land in the next write
+    if script is pretrain:
+        rng = random.Random(1234)
+        for _ in range(2):
+            before = os.stat(out / "ckpt_last.pt").st_mtime_ns
+            proc = subprocess.Popen([sys.executable, f"{script.__name__}.py", *map(str, args), "--out", out],
+                                    cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 120
+            while proc.poll() is None and time.time() < deadline and \
+                    os.stat(out / "ckpt_last.pt").st_mtime_ns == before:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.15))
+            proc.kill()
+            proc.wait()
+            killed_in_write += any(f.startswith("ckpt_last.pt.tmp-") and f != leftovers[0] for f in os.listdir(out))
+            survivor = load(out / "ckpt_last.pt")                 # always loads, always an uninterrupted state
+            assert_same_state(survivor, reference(survivor["step"]), WEIGHTS[script], "after a random kill")
+
+    # 3) rerun the same command: it resumes and ends bitwise where the uninterrupted run ends
+    code, stdout, err = cli(monkeypatch, capsys, script, args + ["--out", out])
+    assert code == 0, err[-2000:]
+    assert "resumed from" in stdout
+    assert_same_state(load(out / "ckpt_last.pt"), load(tmp_path / "straight" / "ckpt_last.pt"), WEIGHTS[script],
+                      "final")
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]     # stale temporary files were cleaned up
+    print(f"{name}: {killed_in_write} kill(s) landed inside a checkpoint write")
+
+
+def test_resume_on_one_process_after_two_processes(files, tmp_path, monkeypatch, capsys, run_torchrun):
+    """train_diffusion.py: 2 steps with torchrun on 2 processes, then 2 more on 1 process (same global batch) ==
+    4 steps on 1 process, to float tolerance (gloo all-reduce sums in another order)."""
+    args = base_args(train_diffusion, files) + ["--ckpt-every", 1, "--ema", 0.9, "--lr", 1e-3]
+    code, _, err = cli(monkeypatch, capsys, train_diffusion, args + ["--steps", 4, "--out", tmp_path / "one"])
+    assert code == 0, err[-2000:]
+    result = run_torchrun(2, "train_diffusion.py", *args, "--steps", 2, "--out", tmp_path / "mixed")
+    assert result.returncode == 0, result.stderr[-2000:]
+    code, stdout, err = cli(monkeypatch, capsys, train_diffusion, args + ["--steps", 4, "--out", tmp_path / "mixed"])
+    assert code == 0 and "at step 2" in stdout, err[-2000:]
+    a, b = load(tmp_path / "one" / "ckpt_last.pt"), load(tmp_path / "mixed" / "ckpt_last.pt")
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-4, atol=5e-5, msg=lambda m: f"{part}.{k}: {m}")
+    moved = sum(not torch.equal(a["model"][k], load(files["rcm16"])["model"].get(k, a["model"][k]))
+                for k in a["model"])
+    assert moved > 10                                             # the comparison is not between untrained copies
+
+
+@pytest.fixture(scope="module")
+def finished_runs(files, tmp_path_factory):
+    """A 2-step run of each training script (in-process), for the refused-resume tests."""
+    root = tmp_path_factory.mktemp("finished")
+    mp = pytest.MonkeyPatch()
+    runs = {}
+    try:
+        for name, script in TRAINERS.items():
+            runs[name] = root / name
+            mp.setattr(sys, "argv", [f"{script.__name__}.py",
+                                     *map(str, base_args(script, files) + ["--out", runs[name]])])
+            trainlib.cli_main(script.main)
+    finally:
+        mp.undo()
+    return runs
+
+
+@pytest.mark.parametrize("change", [["--model", "S"], ["--seed", 5], ["--batch-size", 8]],
+                         ids=["model", "seed", "batch-size"])
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_resume_with_incompatible_arguments_is_refused_and_changes_nothing(name, change, finished_runs, files,
+                                                                           tmp_path, monkeypatch, capsys):
+    script = TRAINERS[name]
+    out = tmp_path / "run"
+    shutil.copytree(finished_runs[name], out)
+    before, mtimes = snapshot(out), {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
+    code, _, err = cli(monkeypatch, capsys, script, base_args(script, files) + ["--steps", 4, "--out", out, *change])
+    # consistency: an RCM-T --init does not fit EPG-S, which is found before the resume check: also a clear error
+    assert_user_error(code, err, "cannot resume" if (name, change[0]) != ("consistency", "--model") else "does not fit")
+    assert snapshot(out) == before
+    assert {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)} == mtimes
+
+
+LR_TO_NAN = {pretrain: 1e15, train_diffusion: 1e12, train_consistency: 1e12}   # pretrain scales lr by batch/1024
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(name, files, tmp_path,
+                                                                                  monkeypatch, capsys):
+    script = TRAINERS[name]
+    out = tmp_path / "run"
+    args = base_args(script, files) + ["--steps", 4, "--ckpt-every", 1, "--lr", LR_TO_NAN[script], "--out", out]
+    code, _, err = cli(monkeypatch, capsys, script, args)
+    assert_user_error(code, err, "at or before step")
+    step = int(re.search(r"at or before step (\d+)", err).group(1))
+    state = load(out / "ckpt_last.pt")
+    assert 1 <= state["step"] < step <= 4                        # the last good checkpoint, before the bad step
+    for part in WEIGHTS[script]:
+        assert all(v.isfinite().all() for v in state[part].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_skip_nonfinite_finishes_with_a_finite_checkpoint(name, files, tmp_path, monkeypatch, capsys):
+    script = TRAINERS[name]
+    out = tmp_path / "run"
+    args = base_args(script, files) + ["--steps", 4, "--ckpt-every", 1, "--lr", LR_TO_NAN[script], "--out", out,
+                                       "--skip-nonfinite"]
+    code, stdout, err = cli(monkeypatch, capsys, script, args)
+    assert code == 0, err[-2000:]
+    assert "optimiser step skipped" in stdout                   # the provocation did produce non-finite steps
+    state = load(out / "ckpt_last.pt")
+    assert state["step"] == 4                                    # the run reached its end and saved it
+    for part in WEIGHTS[script]:
+        assert all(v.isfinite().all() for v in state[part].values() if v.is_floating_point()), part
+    assert all(torch.as_tensor(v).isfinite().all() for s in state["optimizer"]["state"].values() for v in s.values())
+
+
+@pytest.mark.parametrize("name", [*TRAINERS, "sample"])
+def test_unwritable_output_directory_is_reported_before_training(name, files, monkeypatch, capsys):
+    """--out below a regular file cannot be created even by root (chmod would not stop root)."""
+    script = TRAINERS.get(name, sample)
+    out = os.path.join(files["regular_file"], "out")
+    code, _, err = cli(monkeypatch, capsys, script, base_args(script, files) + ["--out", out])
+    assert_user_error(code, err, "not writable")
+    assert open(files["regular_file"]).read() == "a file, not a directory"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad inputs: one table, every script's command line; one line naming the problem, exit code 2, nothing written
+# ----------------------------------------------------------------------------------------------------------------
+def _trainer_cases():
+    cases = []
+    for name, script in TRAINERS.items():
+        rows = [
+            ("unknown-model", ["--model", "Q"], "Q"),
+            ("zero-steps", ["--steps", 0], "--steps"),
+            ("negative-steps", ["--steps", -3], "--steps"),
+            ("zero-batch", ["--batch-size", 0], "--batch-size"),
+            ("negative-batch", ["--batch-size", -8], "--batch-size"),
+            ("batch-not-divisible-by-micro", ["--batch-size", 10, "--micro-batch", 4], "micro-batch"),
+            ("image-size-not-divisible-by-patch", ["--image-size", 20], "not divisible by 8"),
+            ("zero-lr", ["--lr", 0], "--lr"),
+            ("data-missing", ["--data", "{data_missing}"], "does not exist"),
+            ("data-empty", ["--data", "{data_empty}"], "no class sub-folders"),
+            ("data-non-image-files", ["--data", "{data_text}"], "no images"),
+            ("data-corrupt-images", ["--data", "{data_corrupt}"], "can be read"),
+            ("data-truncated-images", ["--data", "{data_truncated}"], "can be read"),
+            ("resume-from-another-stage", ["@ckpt_last.pt={%s}" % OTHER_STAGE[script]], "checkpoint is needed"),
+            ("resume-from-corrupt-checkpoint", ["@ckpt_last.pt={garbage_ckpt}"], "corrupt"),
+        ]
+        if script is not pretrain:
+            rows += [
+                ("init-diffusion-checkpoint", ["--init", "{dm}"], "is a diffusion checkpoint"),
+                ("init-rcm-of-another-size", ["--init", "{rcm32}"], "does not fit"),
+                ("init-missing", ["--init", "{data_missing}"], "does not exist"),
+                ("init-truncated", ["--init", "{truncated_ckpt}"], "corrupt"),
+                ("init-and-from-scratch", ["--from-scratch"], "exclude each other"),
+            ]
+        cases += [pytest.param(name, extra, expected, id=f"{name}-{case}") for case, extra, expected in rows]
+    return cases
+
+
+BAD_INPUTS = _trainer_cases() + [pytest.param(script, extra, expected, id=f"{script}-{case}") for script, case, extra,
+                                 expected in [
+    ("sample", "zero-batch", ["--batch-size", 0], "--batch-size"),
+    ("sample", "heun-one-step", ["--steps", 1], "--steps >= 2"),
+    ("sample", "label-out-of-range", ["--labels", "12"], "out of range"),
+    ("sample", "unknown-sampler", ["--sampler", "ddim"], "invalid choice"),
+    ("sample", "checkpoint-of-another-size", ["--ckpt", "{dm_wrong_size}"], "do not match"),
+    ("sample", "truncated-checkpoint", ["--ckpt", "{truncated_ckpt}"], "corrupt"),
+    ("fid", "npz-wrong-key", ["{npz_wrong_key}"], "expected 'arr_0'"),
+    ("fid", "npz-wrong-shape", ["{npz_wrong_shape}"], "(N, H, W, 3)"),
+    ("fid", "npz-wrong-dtype", ["{npz_wrong_dtype}"], "must be uint8"),
+    ("fid", "npz-float-labels", ["{npz_wrong_labels}"], "arr_1"),
+    ("fid", "npz-truncated", ["{npz_truncated}"], "cannot read"),
+    ("fid", "npz-not-an-npz", ["{npz_text}"], "cannot read"),
+    ("fid", "samples-missing", ["{data_missing}"], "does not exist"),
+    ("fid", "reference-missing", ["{npz_good}", "{data_missing}", "--no-embedded"], "does not exist"),
+    ("fid", "inception-weights-missing", ["{npz_good}", "{npz_good}", "--no-embedded"], "not found"),
+    ("fid", "zero-batch", ["{npz_good}", "{npz_good}", "--batch-size", 0, "--no-embedded"], "--batch-size"),
+    ("fid", "no-reference", ["{npz_good}", "--no-embedded"], "REFERENCE"),
+]]
+
+
+@pytest.mark.parametrize("name,extra,expected", BAD_INPUTS)
+def test_bad_input_is_one_clear_line_and_exit_code_2(name, extra, expected, files, tmp_path, monkeypatch, capsys):
+    script = TRAINERS.get(name) or {"sample": sample, "fid": fid}[name]
+    out = tmp_path / "out"
+    argv = base_args(script, files)
+    for item in extra:
+        item = str(item).format(**files)
+        if item.startswith("@"):                                 # a file placed in OUT before the run
+            target, source = item[1:].split("=")
+            out.mkdir(exist_ok=True)
+            shutil.copy(source, out / target)
+        elif item == "--no-embedded":
+            argv.remove("--embedded")
+        else:
+            argv.append(item)
+    if script is fid:
+        monkeypatch.delenv("EPG_INCEPTION", raising=False)
+        monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    else:
+        argv += ["--out", out]
+    before = snapshot(out)
+    code, _, err = cli(monkeypatch, capsys, script, argv)
+    assert_user_error(code, err, expected)
+    assert snapshot(out) == before                               # nothing written (and nothing overwritten)
