@@ -20,15 +20,22 @@ import time
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(cmd, log):
-    """Run one stage, echoing the command; stop the demo with the stage's own message if it fails."""
-    printable = " ".join(cmd[1:]) if cmd[0] == sys.executable else " ".join(cmd)
-    print(f"\n$ python {printable}", flush=True)
+def run(cmds, log, threads=None):
+    """Run one stage, or several independent ones side by side (one CPU thread each), echoing the commands; stop
+    the demo with the stage's own message if one fails."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     t0 = time.time()
-    result = subprocess.run(cmd, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"demo: stage failed (exit code {result.returncode}): python {printable}")
-    log.append((printable, time.time() - t0))
+    procs = []
+    for cmd in cmds:
+        print(f"\n$ python {' '.join(cmd[1:])}", flush=True)
+        procs.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env)))
+    for cmd, proc in procs:
+        if proc.wait() != 0:
+            for _, other in procs:
+                other.kill()
+            sys.exit(f"demo: stage failed (exit code {proc.returncode}): python {' '.join(cmd[1:])}")
+    for cmd, _ in procs:
+        log.append((" ".join(cmd[1:]), time.time() - t0))
 
 
 def last_probe(metrics_path):
@@ -49,22 +56,24 @@ def main():
     args = p.parse_args()
     out = args.out
     py = sys.executable
-    steps = dict(pt=20, dm=30, cm=30, n=40) if args.quick else dict(pt=300, dm=1500, cm=1000, n=200)
+    steps = dict(pt=10, dm=10, cm=10, n=20) if args.quick else dict(pt=300, dm=1200, cm=600, n=200)
     log, t_start = [], time.time()
 
-    run([py, "pretrain.py", "--model", "T", "--steps", str(steps["pt"]), "--out", f"{out}/pt"], log)
+    run([[py, "pretrain.py", "--model", "T", "--steps", str(steps["pt"]), "--out", f"{out}/pt"]], log)
     init = f"{out}/pt/ckpt_last.pt"
-    run([py, "train_diffusion.py", "--model", "T", "--init", init, "--steps", str(steps["dm"]),
-         "--out", f"{out}/dm"], log)
-    run([py, "train_consistency.py", "--model", "T", "--init", init, "--steps", str(steps["cm"]),
-         "--out", f"{out}/cm"], log)
-    run([py, "sample.py", "--ckpt", f"{out}/dm/ckpt_last.pt", "--num-samples", str(steps["n"]), "--labels",
-         "balanced", "--steps", "32", "--cfg-scale", "2.0", "--out", f"{out}/samples_dm"], log)
-    run([py, "sample.py", "--ckpt", f"{out}/cm/ckpt_last.pt", "--num-samples", str(steps["n"]), "--labels",
-         "balanced", "--steps", "1", "--out", f"{out}/samples_cm"], log)
+    # the two fine-tunings are independent: run them side by side, one thread each (2 cores)
+    run([[py, "train_diffusion.py", "--model", "T", "--init", init, "--steps", str(steps["dm"]), "--sample-every", "0",
+          "--eval-samples", "0", "--out", f"{out}/dm"],
+         [py, "train_consistency.py", "--model", "T", "--init", init, "--steps", str(steps["cm"]),
+          "--out", f"{out}/cm"]], log, threads=1)
+    run([[py, "sample.py", "--ckpt", f"{out}/dm/ckpt_last.pt", "--num-samples", str(steps["n"]), "--labels",
+          "balanced", "--steps", "32", "--cfg-scale", "2.0", "--out", f"{out}/samples_dm", "--no-progress"],
+         [py, "sample.py", "--ckpt", f"{out}/cm/ckpt_last.pt", "--num-samples", str(steps["n"]), "--labels",
+          "balanced", "--steps", "1", "--out", f"{out}/samples_cm", "--no-progress"]], log, threads=1)
+    # the reference classifier is trained once and cached, so the two evaluations run one after the other
     for name in ("dm", "cm"):
-        run([py, "fid.py", f"{out}/samples_{name}/samples.npz", "--embedded", "--out",
-             f"{out}/samples_{name}/metrics.json"], log)
+        run([[py, "fid.py", f"{out}/samples_{name}/samples.npz", "--embedded", "--no-progress", "--out",
+              f"{out}/samples_{name}/metrics.json"]], log)
 
     first, last = last_probe(f"{out}/pt/metrics.jsonl")
     metrics = {name: json.load(open(f"{out}/samples_{name}/metrics.json")) for name in ("dm", "cm")}

@@ -83,7 +83,7 @@ def karras(n, i):
 
 
 def test_noise_levels_weights_and_loss_match_an_independent_computation():
-    args = SimpleNamespace(seed=11, batch_size=6, image_size=SIZE, label_dropout=0.1)
+    args = SimpleNamespace(seed=11, batch_size=6, image_size=SIZE, label_dropout=0.1, p_mean=-1.2, p_std=1.6)
     sigma, weight, drop, eps = train_diffusion.step_randomness(args, 4, torch.device("cpu"))
     assert eps.shape == (6, 3, SIZE, SIZE) and drop.dtype == torch.bool
 
@@ -114,7 +114,7 @@ def test_noise_levels_weights_and_loss_match_an_independent_computation():
 
 
 def test_label_dropout_rate_and_noise_statistics():
-    args = SimpleNamespace(seed=2, batch_size=4000, image_size=8, label_dropout=0.1)
+    args = SimpleNamespace(seed=2, batch_size=4000, image_size=8, label_dropout=0.1, p_mean=-1.2, p_std=1.6)
     sigma, weight, drop, eps = train_diffusion.step_randomness(args, 0, torch.device("cpu"))
     assert abs(drop.float().mean().item() - 0.1) < 4.5 * math.sqrt(0.09 / 4000)
     assert abs(eps.mean().item()) < 0.01 and abs(eps.std().item() - 1) < 0.01
