@@ -20,9 +20,10 @@ import time
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(cmds, log, threads=None):
+def run(cmds, log, threads=None, stop_on_failure=True):
     """Run one stage, or several independent ones side by side (one CPU thread each), echoing the commands; stop
-    the demo with the stage's own message if one fails."""
+    the demo with the stage's own message if one fails (or, with stop_on_failure=False, let the others finish).
+    Returns the exit codes."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     t0 = time.time()
     procs = []
@@ -30,12 +31,13 @@ def run(cmds, log, threads=None):
         print(f"\n$ python {' '.join(cmd[1:])}", flush=True)
         procs.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env)))
     for cmd, proc in procs:
-        if proc.wait() != 0:
+        if proc.wait() != 0 and stop_on_failure:
             for _, other in procs:
                 other.kill()
             sys.exit(f"demo: stage failed (exit code {proc.returncode}): python {' '.join(cmd[1:])}")
     for cmd, _ in procs:
         log.append((" ".join(cmd[1:]), time.time() - t0))
+    return [proc.returncode for _, proc in procs]
 
 
 def last_probe(metrics_path):
