@@ -27,11 +27,14 @@ import torch.nn.functional as F
 # Configurations (Tables 7 and 8). Encoder and decoder have the same depth; heads are chosen by the paper.
 # `tokens_per_side`: the patch size is image_size // tokens_per_side, i.e. 16x16 patches at 256^2 and 32x32 at 512^2
 # (the paper keeps 256 image tokens at every resolution). "T" is a tiny model for CPU runs and tests.
+# `pos_embed_init`: the learnable positional embedding starts as trunc-normal(0.02) (the official code) or as the
+# 2-D sin-cos embedding of MAE / MoCo v3 ("sincos", T only: with a near-zero start a run of a few thousand CPU steps
+# barely learns where a token is, and its samples are mosaics of 4x4 patches; see README, tiny preset).
 # ----------------------------------------------------------------------------------------------------------------
 MODEL_CONFIGS = {
     #       depth  enc_dim enc_heads dec_dim dec_heads
     "T":   dict(depth=4, enc_dim=128, enc_heads=4, dec_dim=128, dec_heads=4, tokens_per_side=8,
-                proj_hidden=512, proj_dim=128),
+                proj_hidden=512, proj_dim=128, pos_embed_init="sincos"),
     "S":   dict(depth=6, enc_dim=768, enc_heads=12, dec_dim=768, dec_heads=12),
     "B":   dict(depth=12, enc_dim=768, enc_heads=12, dec_dim=768, dec_heads=12),
     "L":   dict(depth=16, enc_dim=1024, enc_heads=16, dec_dim=1024, dec_heads=16),
@@ -39,7 +42,7 @@ MODEL_CONFIGS = {
     "XXL": dict(depth=12, enc_dim=768, enc_heads=12, dec_dim=1920, dec_heads=16),
     "G":   dict(depth=12, enc_dim=768, enc_heads=12, dec_dim=2688, dec_heads=21),
 }
-DEFAULTS = dict(tokens_per_side=16, mlp_ratio=4, proj_hidden=4096, proj_dim=256)
+DEFAULTS = dict(tokens_per_side=16, mlp_ratio=4, proj_hidden=4096, proj_dim=256, pos_embed_init="trunc-normal")
 # The RCM projector output is not stated in the paper; 256 is the value that reproduces Table 8's parameter counts.
 
 
@@ -75,6 +78,21 @@ def timestep_embedding(c_noise, dim, max_period=10000.0):
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def sincos_pos_embed_2d(grid, dim):
+    """2-D sin-cos positional embedding (MAE / MoCo v3) of a grid x grid token layout, row-major like the patches.
+
+    The first dim/2 channels encode the row, the last dim/2 the column, each as [sin(p w_k), cos(p w_k)] with
+    w_k = 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1. Returns (grid*grid, dim) float32; dim must be a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos positional embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))      # (dim/4,)
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = pos.repeat_interleave(grid), pos.repeat(grid)                                 # (grid*grid,)
+    encode = lambda p: torch.cat([torch.sin(p[:, None] * omega), torch.cos(p[:, None] * omega)], dim=1)
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
 class LayerNorm(nn.LayerNorm):
@@ -164,9 +182,11 @@ class DecoderBlock(nn.Module):
 class Encoder(nn.Module):
     """ViT encoder over [CLS] [time] [patch_1 .. patch_N] with a learnable positional embedding on all tokens."""
 
-    def __init__(self, image_size, patch_size, dim, depth, heads, mlp_ratio=4):
+    def __init__(self, image_size, patch_size, dim, depth, heads, mlp_ratio=4, pos_embed_init="trunc-normal"):
         super().__init__()
-        self.patch_size, self.dim = patch_size, dim
+        if pos_embed_init not in ("trunc-normal", "sincos"):
+            raise ValueError(f"unknown pos_embed_init {pos_embed_init!r}: choose 'trunc-normal' or 'sincos'")
+        self.patch_size, self.dim, self.pos_embed_init = patch_size, dim, pos_embed_init
         self.num_patches = (image_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -195,7 +215,8 @@ class Encoder(nn.Module):
 
 def init_vit_weights(module):
     """Initialisation of the official code: xavier-uniform Linear (qkv per q/k/v slice, as in MoCo v3), zero biases,
-    xavier conv over the flattened kernel, CLS ~ N(0, 1e-6^2), positional embedding ~ trunc-normal(0.02)."""
+    xavier conv over the flattened kernel, CLS ~ N(0, 1e-6^2), positional embedding ~ trunc-normal(0.02) (or, for an
+    encoder built with pos_embed_init="sincos", the 2-D sin-cos embedding on the image tokens and 0 on [CLS], [time])."""
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
             if name.endswith("qkv"):
@@ -210,7 +231,12 @@ def init_vit_weights(module):
             nn.init.zeros_(m.bias)
         elif isinstance(m, Encoder):
             nn.init.normal_(m.cls_token, std=1e-6)
-            nn.init.trunc_normal_(m.pos_embed, std=0.02)
+            if m.pos_embed_init == "sincos":
+                with torch.no_grad():
+                    m.pos_embed.zero_()
+                    m.pos_embed[0, 2:] = sincos_pos_embed_2d(math.isqrt(m.num_patches), m.dim)
+            else:
+                nn.init.trunc_normal_(m.pos_embed, std=0.02)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,9 +250,9 @@ class RCM(nn.Module):
     """
 
     def __init__(self, image_size=256, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4,
-                 proj_hidden=4096, proj_dim=256):
+                 proj_hidden=4096, proj_dim=256, pos_embed_init="trunc-normal"):
         super().__init__()
-        self.encoder = Encoder(image_size, patch_size, dim, depth, heads, mlp_ratio)
+        self.encoder = Encoder(image_size, patch_size, dim, depth, heads, mlp_ratio, pos_embed_init)
         self.projector = nn.Sequential(
             nn.Linear(dim, proj_hidden, bias=False), nn.BatchNorm1d(proj_hidden), nn.ReLU(inplace=True),
             nn.Linear(proj_hidden, proj_hidden, bias=False), nn.BatchNorm1d(proj_hidden), nn.ReLU(inplace=True),
@@ -255,10 +281,10 @@ class EPG(nn.Module):
     """
 
     def __init__(self, image_size=256, patch_size=16, depth=12, enc_dim=768, enc_heads=12, dec_dim=768,
-                 dec_heads=12, num_classes=1000, mlp_ratio=4, decoder_dropout=0.0):
+                 dec_heads=12, num_classes=1000, mlp_ratio=4, decoder_dropout=0.0, pos_embed_init="trunc-normal"):
         super().__init__()
         self.image_size, self.patch_size, self.num_classes = image_size, patch_size, num_classes
-        self.encoder = Encoder(image_size, patch_size, enc_dim, depth, enc_heads, mlp_ratio)
+        self.encoder = Encoder(image_size, patch_size, enc_dim, depth, enc_heads, mlp_ratio, pos_embed_init)
         self.class_embed = nn.Embedding(num_classes + 1, enc_dim)      # last row: null class
         self.enc_to_dec = nn.Linear(enc_dim, dec_dim) if dec_dim != enc_dim else nn.Identity()
         self.dec_blocks = nn.ModuleList([
@@ -304,14 +330,14 @@ def build_rcm(name, image_size=256, proj_dim=None):
     """RCM-`name` (Table 8) at `image_size`. proj_dim overrides the projector output (256 by default)."""
     cfg = model_config(name)
     return RCM(image_size, patch_size_for(name, image_size), cfg["enc_dim"], cfg["depth"], cfg["enc_heads"],
-               cfg["mlp_ratio"], cfg["proj_hidden"], proj_dim or cfg["proj_dim"])
+               cfg["mlp_ratio"], cfg["proj_hidden"], proj_dim or cfg["proj_dim"], cfg["pos_embed_init"])
 
 
 def build_epg(name, image_size=256, num_classes=1000, decoder_dropout=0.0):
     """EPG-`name` (Table 7) at `image_size` for `num_classes` classes (plus the null class)."""
     cfg = model_config(name)
     return EPG(image_size, patch_size_for(name, image_size), cfg["depth"], cfg["enc_dim"], cfg["enc_heads"],
-               cfg["dec_dim"], cfg["dec_heads"], num_classes, cfg["mlp_ratio"], decoder_dropout)
+               cfg["dec_dim"], cfg["dec_heads"], num_classes, cfg["mlp_ratio"], decoder_dropout, cfg["pos_embed_init"])
 
 
 def load_encoder_from_rcm(epg, rcm_state):

@@ -131,3 +131,32 @@ def test_decoder_dropout_only_in_decoder_attention():
     m = models.build_epg("T", 32, num_classes=10, decoder_dropout=0.5)
     assert all(b.attn.proj_drop.p == 0.5 for b in m.dec_blocks)
     assert all(b.attn.proj_drop.p == 0.0 for b in m.encoder.blocks)
+
+
+def test_sincos_position_embedding_closed_form_and_relative_offsets():
+    import math
+    grid, dim = 5, 16
+    emb = models.sincos_pos_embed_2d(grid, dim)
+    assert emb.shape == (grid * grid, dim)
+    q = dim // 4
+    for r, c in [(0, 0), (1, 3), (4, 2)]:
+        row = emb[r * grid + c]                         # row-major token order, like the patch embedding
+        for k in range(q):
+            w = 10000.0 ** (-k / q)
+            expected = [math.sin(r * w), math.cos(r * w), math.sin(c * w), math.cos(c * w)]
+            got = [row[k], row[q + k], row[2 * q + k], row[3 * q + k]]
+            assert all(abs(float(g) - e) < 1e-6 for g, e in zip(got, expected))
+    # the inner product of two positions depends only on their offset: sum_k cos(dr w_k) + cos(dc w_k)
+    a, b = emb[1 * grid + 4], emb[3 * grid + 0]
+    offset = sum(math.cos(-2 * 10000.0 ** (-k / q)) + math.cos(4 * 10000.0 ** (-k / q)) for k in range(q))
+    assert abs(float(a @ b) - offset) < 1e-5
+
+
+def test_position_embedding_init_official_for_paper_models_sincos_for_tiny():
+    tiny = models.build_epg("T", 32, 10).encoder.pos_embed.detach()[0]          # (2 + 64, 128)
+    assert torch.equal(tiny[:2], torch.zeros_like(tiny[:2]))                     # [CLS], [time]: no position
+    assert torch.allclose(tiny[2:], models.sincos_pos_embed_2d(8, 128))
+    assert models.build_rcm("T", 32).encoder.pos_embed.requires_grad             # still learnable
+    torch.manual_seed(0)
+    paper = models.build_rcm("S", 256).encoder.pos_embed.detach()                # official: trunc-normal(0.02)
+    assert abs(float(paper.std()) - 0.02) < 1e-3 and abs(float(paper.mean())) < 1e-3
