@@ -113,6 +113,15 @@ def test_noise_levels_weights_and_loss_match_an_independent_computation():
     assert math.isclose(loss.item(), expected, rel_tol=1e-4)
 
 
+def test_paper_model_defaults_are_tables_9_and_11_and_the_tiny_preset_does_not_leak():
+    xl = train_diffusion.parse_args(["--model", "XL"])
+    assert (xl.batch_size, xl.steps, xl.lr, xl.ema, xl.weight_decay, xl.grad_clip) == (1024, 1_000_000, 1e-4, 0.9999,
+                                                                                       0.01, 0.5)   # Table 11
+    assert (xl.p_mean, xl.p_std, xl.image_size) == (-1.2, 1.6, 256)                                 # Table 9
+    assert train_diffusion.parse_args(["--model", "T", "--p-mean", "-1.2"]).p_mean == -1.2          # flag wins
+    assert train_diffusion.parse_args(["--model", "T"]).p_std == 1.6
+
+
 def test_label_dropout_rate_and_noise_statistics():
     args = SimpleNamespace(seed=2, batch_size=4000, image_size=8, label_dropout=0.1, p_mean=-1.2, p_std=1.6)
     sigma, weight, drop, eps = train_diffusion.step_randomness(args, 0, torch.device("cpu"))
