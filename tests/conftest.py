@@ -29,3 +29,13 @@ def torchrun(nproc, script, *args, timeout=300, env=None):
 @pytest.fixture
 def run_torchrun():
     return torchrun
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(tmp_path_factory):
+    """The 32x32 reference classifier of fid.py, trained once per session into a temporary cache (shared by the
+    fid.py tests and the demo test, which would otherwise each train it)."""
+    import fid
+    cache = tmp_path_factory.mktemp("epg_cache")
+    fid.reference_classifier(32, cache_dir=cache)
+    return cache

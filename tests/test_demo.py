@@ -11,9 +11,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_demo_runs_every_stage_and_writes_grids_and_metrics(tmp_path):
+def test_quick_demo_runs_every_stage_and_writes_grids_and_metrics(tmp_path, classifier_cache):
     out = tmp_path / "demo"
-    env = {**os.environ, "EPG_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "EPG_CACHE": str(classifier_cache), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -403,12 +403,7 @@ def test_bad_sample_file_exits_2_with_message(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # Embedded data set mode: the reference classifier
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def classifier_cache(tmp_path_factory):
-    """Train the 32x32 reference classifier once for this module, into a temporary cache."""
-    cache = tmp_path_factory.mktemp("epg_cache")
-    fid.reference_classifier(32, cache_dir=cache)
-    return cache
+# `classifier_cache` (conftest.py): the 32x32 reference classifier, trained once per test session.
 
 
 def embedded_split(split, seed=0, length=None):

@@ -83,7 +83,7 @@ def test_momentum_encoder_is_an_ema_of_the_online_encoder(single_run):
         before, after = load(single_run / f"ckpt_{k - 1:07d}.pt"), load(single_run / f"ckpt_{k:07d}.pt")
         for name in ("encoder.pos_embed", "encoder.blocks.0.attn.qkv.weight", "projector.0.weight"):
             m0, m1, p1 = before["momentum"][name], after["momentum"][name], after["model"][name]
-            torch.testing.assert_close(m1, 0.99 * m0 + 0.01 * p1, rtol=0, atol=1e-7)
+            torch.testing.assert_close(m1, 0.99 * m0 + 0.01 * p1, rtol=3e-7, atol=1e-7)  # fp32 rounding
             assert not torch.equal(m1, p1)                                  # the momentum copy lags the online one
 
 
