@@ -81,7 +81,7 @@ def timestep_embedding(c_noise, dim, max_period=10000.0):
 
 
 def sincos_pos_embed_2d(grid, dim):
-    """2-D sin-cos positional embedding (MAE / MoCo v3) of a grid x grid token layout, row-major like the patches.
+    """2-D sin-cos positional embedding in the style of MAE / MoCo v3, for a grid x grid row-major token layout.
 
     The first dim/2 channels encode the row, the last dim/2 the column, each as [sin(p w_k), cos(p w_k)] with
     w_k = 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1. Returns (grid*grid, dim) float32; dim must be a multiple of 4.
