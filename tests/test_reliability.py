@@ -252,7 +252,10 @@ def test_kill_during_checkpoint_write_keeps_previous_and_resume_is_exact(name, f
     # 3) rerun the same command: it resumes and ends bitwise where the uninterrupted run ends
     code, stdout, err = cli(monkeypatch, capsys, script, args + ["--out", out])
     assert code == 0, err[-2000:]
-    assert "resumed from" in stdout
+    if survivor["step"] < FAULT_STEPS:
+        assert "resumed from" in stdout
+    else:  # on a fast machine a process of step 2 may reach the last step before its kill lands
+        assert "nothing to do" in stdout
     assert_same_state(load(out / "ckpt_last.pt"), load(tmp_path / "straight" / "ckpt_last.pt"), WEIGHTS[script],
                       "final")
     assert not [f for f in os.listdir(out) if ".tmp-" in f]     # stale temporary files were cleaned up
