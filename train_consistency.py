@@ -97,6 +97,9 @@ def parse_args(argv=None):
                    help="lr multipliers from each milestone on (default: 0.3 0.08)")
     p.add_argument("--stage-interval", type=trainlib.positive_int, default=None,
                    help="steps per ECT stage of p(r|t) (default 100000; for --model T --steps / 7)")
+    p.add_argument("--p-mean", type=float, default=None, help="mean of ln t of the noise proposal (Table 9: -0.4)")
+    p.add_argument("--p-std", type=trainlib.positive_float, default=None,
+                   help="std of ln t of the noise proposal (Table 9: 1.6)")
     p.add_argument("--huber-c", type=trainlib.positive_float, default=None, help="pseudo-Huber constant c")
     p.add_argument("--label-dropout", type=float, default=None,
                    help="probability of replacing the class by the null class (default 0: conditional only)")
