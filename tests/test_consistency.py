@@ -306,3 +306,12 @@ def test_two_processes_equal_one(tmp_path, rcm_ckpt, run_torchrun):
     for one, two in zip(runs[1], runs[2]):
         for key in ("loss", "loss_consistency", "loss_aux"):
             assert math.isclose(one[key], two[key], rel_tol=1e-4), (key, one, two)
+
+
+def test_paper_model_defaults_are_tables_9_and_11_and_flags_override_the_noise_proposal():
+    args = tc.resolve_defaults(tc.parse_args(["--model", "L"]), lambda *a: None)
+    assert (args.batch_size, args.steps, args.lr, args.ema, args.dropout) == (1024, 700_000, 1e-4, 0.9999, 0.5)
+    assert tuple(args.betas) == (0.9, 0.99) and tuple(args.lr_milestones) == (400_000, 500_000)   # Table 11
+    assert (args.p_mean, args.p_std, args.image_size) == (-0.4, 1.6, 256)                          # Table 9
+    tiny = tc.resolve_defaults(tc.parse_args(["--model", "T", "--p-mean", "1.2", "--p-std", "1.0"]), lambda *a: None)
+    assert (tiny.p_mean, tiny.p_std) == (1.2, 1.0)
