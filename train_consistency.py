@@ -96,7 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--lr-factors", type=float, nargs="*", default=None,
                    help="lr multipliers from each milestone on (default: 0.3 0.08)")
     p.add_argument("--stage-interval", type=trainlib.positive_int, default=None,
-                   help="steps per ECT stage of p(r|t): stage = 1 + floor(step / interval) (default 100000, also for --model T)")
+                   help="steps per ECT stage of p(r|t): stage = 1 + floor(step / interval) "
+                        "(default 100000, also for --model T)")
     p.add_argument("--p-mean", type=float, default=None, help="mean of ln t of the noise proposal (Table 9: -0.4)")
     p.add_argument("--p-std", type=trainlib.positive_float, default=None,
                    help="std of ln t of the noise proposal (Table 9: 1.6)")
