@@ -4,7 +4,6 @@ No test needs the real Inception weights: a randomly initialised Inception-v3 in
 saved to a file and loaded by fid.py and by the peers. With random weights the numbers mean nothing, but the two
 implementations must still agree to float precision, layer by layer.
 """
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import torch
 import torchvision
 from PIL import Image
 
-import data
 import fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -398,59 +396,6 @@ def test_bad_sample_file_exits_2_with_message(tmp_path, capsys):
         fid.main([str(tmp_path / "float.npz"), "--embedded"])
     assert exit_info.value.code == 2
     assert "must be uint8 images of shape (N, H, W, 3)" in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Embedded data set mode: the reference classifier
-# ----------------------------------------------------------------------------------------------------------------
-# `classifier_cache` (conftest.py): the 32x32 reference classifier, trained once per test session.
-
-
-def embedded_split(split, seed=0, length=None):
-    dataset = data.EmbeddedShapes(split=split, image_size=32, seed=seed, length=length)
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(images).permute(0, 2, 3, 1).numpy(), np.array(labels)
-
-
-def test_reference_classifier_accuracy_and_cache(classifier_cache):
-    classifier = fid.reference_classifier(32, cache_dir=classifier_cache)        # loaded, not retrained
-    assert not classifier.training
-    assert classifier.val_acc >= fid.CLASSIFIER_MIN_VAL_ACC
-    images, labels = embedded_split("val")
-    features, logits = fid.classify(classifier, torch.from_numpy(images).permute(0, 3, 1, 2))
-    assert features.shape == (len(images), 128) and logits.shape == (len(images), 10)
-    assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(classifier.val_acc)
-    floats = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 255             # float [0, 1] input too
-    with torch.no_grad():
-        assert torch.allclose(classifier(floats)[1], logits[:8], atol=1e-4)
-
-
-def test_embedded_metrics_of_real_and_noise_images(classifier_cache):
-    val_images, val_labels = embedded_split("val")
-    same = fid.embedded_metrics(val_images, val_labels, cache_dir=classifier_cache)
-    assert abs(same["fd_ref"]) < 1e-6 and same["class_acc"] == pytest.approx(same["val_acc"])
-
-    fresh_images, fresh_labels = embedded_split("val", seed=1, length=500)                # other shapes, same law
-    fresh = fid.embedded_metrics(fresh_images, fresh_labels, cache_dir=classifier_cache)
-    assert fresh["class_acc"] > 0.8
-
-    noise = np.random.default_rng(8).integers(0, 256, (500, 32, 32, 3), dtype=np.uint8)
-    noisy = fid.embedded_metrics(noise, fresh_labels, cache_dir=classifier_cache)
-    assert noisy["class_acc"] < 0.3                                                      # chance is 0.1
-    assert noisy["fd_ref"] > 20 * fresh["fd_ref"]
-
-
-def test_embedded_cli_prints_labelled_lines_and_json(classifier_cache, tmp_path, capsys):
-    images, labels = embedded_split("val", seed=2, length=200)
-    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=labels)
-    fid.main([str(tmp_path / "samples.npz"), "--embedded", "--cache-dir", str(classifier_cache),
-              "--out", str(tmp_path / "metrics.json"), "--device", "cpu"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("FD_ref (reference classifier, NOT comparable to Inception FID): ")
-    assert lines[1].startswith("Class accuracy: ")
-    written = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(written) == {"fd_ref", "class_acc", "val_acc"}
-    assert float(lines[1].split(": ")[1]) == pytest.approx(written["class_acc"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
