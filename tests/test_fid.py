@@ -4,7 +4,6 @@ No test needs the real Inception weights: a randomly initialised Inception-v3 in
 saved to a file and loaded by fid.py and by the peers. With random weights the numbers mean nothing, but the two
 implementations must still agree to float precision, layer by layer.
 """
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import torch
 import torchvision
 from PIL import Image
 
-import data
 import fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,14 +253,13 @@ def test_precision_recall_identical_and_far_apart():
 @pytest.mark.parametrize("compressed", [False, True])
 def test_sample_npz_round_trip(tmp_path, compressed):
     images = np.random.default_rng(4).integers(0, 256, (7, 12, 10, 3), dtype=np.uint8)
-    labels = np.arange(7) % 3
     path = tmp_path / "samples.npz"
-    (np.savez_compressed if compressed else np.savez)(path, arr_0=images, arr_1=labels)
+    (np.savez_compressed if compressed else np.savez)(path, arr_0=images, arr_1=np.arange(7) % 3)
     source = fid.open_input(path)
     assert len(source.images) == 7 and source.images.image_shape == (12, 10, 3)
     assert np.array_equal(source.images.read(2, 6), images[2:6])
     assert np.array_equal(source.images.read(5, 100), images[5:])
-    assert np.array_equal(source.labels, labels) and source.stats == {}
+    assert source.stats == {}
 
 
 def test_statistics_round_trip(tmp_path):
@@ -392,65 +389,24 @@ def test_wrong_state_dict_is_rejected(tmp_path):
         fid.load_inception(path)
 
 
+def cli_error(argv, capsys):
+    """fid.main(argv) must exit with code 2 and one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
 def test_bad_sample_file_exits_2_with_message(tmp_path, capsys):
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(SystemExit) as exit_info:
-        fid.main([str(tmp_path / "float.npz"), "--embedded"])
-    assert exit_info.value.code == 2
-    assert "must be uint8 images of shape (N, H, W, 3)" in capsys.readouterr().err
+    assert "must be uint8 images of shape (N, H, W, 3)" in cli_error([tmp_path / "float.npz", "--save-stats",
+                                                                      tmp_path / "out.npz"], capsys)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Embedded data set mode: the reference classifier
-# ----------------------------------------------------------------------------------------------------------------
-# `classifier_cache` (conftest.py): the 32x32 reference classifier, trained once per test session.
-
-
-def embedded_split(split, seed=0, length=None):
-    dataset = data.EmbeddedShapes(split=split, image_size=32, seed=seed, length=length)
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(images).permute(0, 2, 3, 1).numpy(), np.array(labels)
-
-
-def test_reference_classifier_accuracy_and_cache(classifier_cache):
-    classifier = fid.reference_classifier(32, cache_dir=classifier_cache)        # loaded, not retrained
-    assert not classifier.training
-    assert classifier.val_acc >= fid.CLASSIFIER_MIN_VAL_ACC
-    images, labels = embedded_split("val")
-    features, logits = fid.classify(classifier, torch.from_numpy(images).permute(0, 3, 1, 2))
-    assert features.shape == (len(images), 128) and logits.shape == (len(images), 10)
-    assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(classifier.val_acc)
-    floats = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 255             # float [0, 1] input too
-    with torch.no_grad():
-        assert torch.allclose(classifier(floats)[1], logits[:8], atol=1e-4)
-
-
-def test_embedded_metrics_of_real_and_noise_images(classifier_cache):
-    val_images, val_labels = embedded_split("val")
-    same = fid.embedded_metrics(val_images, val_labels, cache_dir=classifier_cache)
-    assert abs(same["fd_ref"]) < 1e-6 and same["class_acc"] == pytest.approx(same["val_acc"])
-
-    fresh_images, fresh_labels = embedded_split("val", seed=1, length=500)                # other shapes, same law
-    fresh = fid.embedded_metrics(fresh_images, fresh_labels, cache_dir=classifier_cache)
-    assert fresh["class_acc"] > 0.8
-
-    noise = np.random.default_rng(8).integers(0, 256, (500, 32, 32, 3), dtype=np.uint8)
-    noisy = fid.embedded_metrics(noise, fresh_labels, cache_dir=classifier_cache)
-    assert noisy["class_acc"] < 0.3                                                      # chance is 0.1
-    assert noisy["fd_ref"] > 20 * fresh["fd_ref"]
-
-
-def test_embedded_cli_prints_labelled_lines_and_json(classifier_cache, tmp_path, capsys):
-    images, labels = embedded_split("val", seed=2, length=200)
-    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=labels)
-    fid.main([str(tmp_path / "samples.npz"), "--embedded", "--cache-dir", str(classifier_cache),
-              "--out", str(tmp_path / "metrics.json"), "--device", "cpu"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("FD_ref (reference classifier, NOT comparable to Inception FID): ")
-    assert lines[1].startswith("Class accuracy: ")
-    written = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(written) == {"fd_ref", "class_acc", "val_acc"}
-    assert float(lines[1].split(": ")[1]) == pytest.approx(written["class_acc"], abs=1e-6)
+def test_embedded_mode_points_to_data_py(tmp_path, capsys):
+    assert "python data.py score SAMPLES.npz" in cli_error([tmp_path / "samples.npz", "--embedded"], capsys)
 
 
 # ----------------------------------------------------------------------------------------------------------------
