@@ -33,8 +33,10 @@ Inputs (SAMPLES and REFERENCE may each be any of):
         `mu_s`, `sigma_s` (statistics over the whole data set: these are used for FID/sFID, as ADM does);
     a statistics file written by `--save-stats`: `mu`, `sigma` (pool_3, pytorch-fid's key names, so pytorch-fid can
         read it), `mu_s`, `sigma_s` (spatial), `pool_features` (N, 2048) float32 for precision/recall, `logits`
-        (N, 1008) float32 for IS, and `resize` (the mode that produced them). We store pool features rather than
-        images: 8 KB per image, and all precision/recall needs. A pytorch-fid stats file (mu, sigma) gives FID only.
+        (N, 1008) float32 for IS, `resize` (the mode that produced them) and `image_size` (H, W). We store pool
+        features rather than images: 8 KB per image, and all precision/recall needs. A pytorch-fid stats file
+        (mu, sigma) gives FID only.
+SAMPLES and REFERENCE of two image sizes (where both are known) are refused.
 
 Usage:
     python fid.py SAMPLES REFERENCE [--inception PATH] [--batch-size 100] [--device cuda] [--resize tf]
@@ -417,6 +419,8 @@ class NpzImages:
         if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
             raise MetricsError(f"'{path}': {key} must be uint8 images of shape (N, H, W, 3) (NHWC, as written by "
                                f"np.savez), got {dtype} {shape}")
+        if shape[0] == 0:
+            raise MetricsError(f"'{path}' holds no images ({key} has shape {shape})")
         if info.compress_type == zipfile.ZIP_STORED:
             with open(path, "rb") as raw:              # data start = local file header (30 bytes + name + extra)
                 raw.seek(info.header_offset)
@@ -461,13 +465,23 @@ def check_statistics(stats, source):
 
 class EvalInput:
     """One side of the comparison. Attributes:
-        images: FolderImages / NpzImages or None (a pure statistics file)
-        stats:  dict of precomputed arrays among STATS_KEYS (float64 mu/sigma)
-        resize: the resize mode recorded in a statistics file, or None
+        images:     FolderImages / NpzImages or None (a pure statistics file)
+        stats:      dict of precomputed arrays among STATS_KEYS (float64 mu/sigma)
+        resize:     the resize mode recorded in a statistics file, or None
+        image_size: (H, W) of the images, or as recorded in a statistics file, or None (unknown)
     """
 
-    def __init__(self, name, images=None, stats=None, resize=None):
+    def __init__(self, name, images=None, stats=None, resize=None, image_size=None):
         self.name, self.images, self.stats, self.resize = name, images, stats or {}, resize
+        self.image_size = tuple(images.image_shape[:2]) if images is not None else image_size
+
+
+def check_same_image_size(samples, reference):
+    """Inception resizes everything to 299x299, so inputs of two resolutions give a number without meaning."""
+    if None not in (samples.image_size, reference.image_size) and samples.image_size != reference.image_size:
+        (h1, w1), (h2, w2) = samples.image_size, reference.image_size
+        raise MetricsError(f"'{samples.name}' holds {w1}x{h1} images but '{reference.name}' {w2}x{h2}: compare "
+                           f"samples with a reference of the same resolution")
 
 
 def open_input(path):
@@ -482,7 +496,8 @@ def open_input(path):
             keys = set(npz.files)
             stats = {k: np.asarray(npz[k]) for k in STATS_KEYS if k in keys}
             resize = str(npz["resize"]) if "resize" in keys else None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+            image_size = tuple(int(v) for v in npz["image_size"]) if "image_size" in keys else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise MetricsError(f"cannot read '{path}' as an npz file: {e}") from None
     if not keys & {"arr_0", "mu", "pool_features"}:
         raise MetricsError(f"'{path}' has keys {sorted(keys)}: expected 'arr_0' (images, N x H x W x 3 uint8) "
@@ -492,7 +507,7 @@ def open_input(path):
         if key in stats:
             stats[key] = stats[key].astype(np.float64)
     images = NpzImages(path) if "arr_0" in keys else None
-    return EvalInput(str(path), images=images, stats=stats, resize=resize)
+    return EvalInput(str(path), images=images, stats=stats, resize=resize, image_size=image_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -662,10 +677,10 @@ def input_statistics(source, model, batch_size=100, device="cpu", progress=True,
     return stats
 
 
-def save_statistics(path, stats, resize):
+def save_statistics(path, stats, resize, image_size):
     """Write a statistics file (keys: see the module docstring)."""
     arrays = {key: stats[key] for key in STATS_KEYS if key in stats}
-    np.savez(path, resize=np.array(resize), **arrays)
+    np.savez(path, resize=np.array(resize), image_size=np.array(image_size), **arrays)
 
 
 def evaluate(samples, reference, model, batch_size=100, device="cpu", progress=True):
@@ -771,16 +786,18 @@ def run(args):
         model = load_inception(args.inception, device, args.resize)
         stats = input_statistics(samples, model, args.batch_size, device, progress)
         if rank == 0:
-            save_statistics(args.save_stats, stats, args.resize)
+            save_statistics(args.save_stats, stats, args.resize, samples.image_size)
             print(f"statistics of {len(samples.images)} images written to {args.save_stats}", file=sys.stderr)
         return
     reference = open_input(args.reference)             # bad inputs fail before the weights load
+    check_same_image_size(samples, reference)
     for source in (samples, reference):            # ADM reference batches come from the TF graph: "tf"
         recorded = source.resize or ("tf" if "mu_s" in source.stats else None)
         if rank == 0 and recorded not in (None, args.resize):
             print(f"warning: the statistics in '{source.name}' were computed with --resize {recorded}, this run "
                   f"uses --resize {args.resize}: the numbers mix two preprocessings", file=sys.stderr)
-    model = load_inception(args.inception, device, args.resize)
+    needs_inception = samples.images is not None or reference.images is not None
+    model = load_inception(args.inception, device, args.resize) if needs_inception else None
     metrics, notes = evaluate(samples, reference, model, args.batch_size, device, progress)
     if rank == 0:
         for note in notes:

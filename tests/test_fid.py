@@ -256,7 +256,7 @@ def test_sample_npz_round_trip(tmp_path, compressed):
     path = tmp_path / "samples.npz"
     (np.savez_compressed if compressed else np.savez)(path, arr_0=images, arr_1=np.arange(7) % 3)
     source = fid.open_input(path)
-    assert len(source.images) == 7 and source.images.image_shape == (12, 10, 3)
+    assert len(source.images) == 7 and source.image_size == (12, 10)
     assert np.array_equal(source.images.read(2, 6), images[2:6])
     assert np.array_equal(source.images.read(5, 100), images[5:])
     assert source.stats == {}
@@ -268,9 +268,9 @@ def test_statistics_round_trip(tmp_path):
     stats = {"mu": pool.mean(0).astype(np.float64), "sigma": np.cov(pool, rowvar=False),
              "mu_s": rng.normal(size=2023), "sigma_s": np.eye(2023), "pool_features": pool,
              "logits": rng.normal(size=(20, 1008)).astype(np.float32)}
-    fid.save_statistics(tmp_path / "stats.npz", stats, "tf")
+    fid.save_statistics(tmp_path / "stats.npz", stats, "tf", (64, 48))
     source = fid.open_input(tmp_path / "stats.npz")
-    assert source.images is None and source.resize == "tf"
+    assert source.images is None and source.resize == "tf" and source.image_size == (64, 48)
     assert set(source.stats) == set(stats)
     for key, value in stats.items():
         assert np.array_equal(source.stats[key], value), key
@@ -407,6 +407,25 @@ def test_bad_sample_file_exits_2_with_message(tmp_path, capsys):
 
 def test_embedded_mode_points_to_data_py(tmp_path, capsys):
     assert "python data.py score SAMPLES.npz" in cli_error([tmp_path / "samples.npz", "--embedded"], capsys)
+
+
+def test_empty_npz_files_exit_2_with_one_line(tmp_path, tiny_npz, capsys):
+    (tmp_path / "zero_bytes.npz").write_bytes(b"")                     # e.g. a sampler killed before writing
+    np.savez(tmp_path / "no_images.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    assert "cannot read" in cli_error([tmp_path / "zero_bytes.npz", tiny_npz], capsys)
+    assert "holds no images" in cli_error([tmp_path / "no_images.npz", "--save-stats", tmp_path / "s.npz"], capsys)
+    assert "holds no images" in cli_error([tiny_npz, tmp_path / "no_images.npz"], capsys)
+
+
+def test_inputs_of_two_resolutions_are_refused(tmp_path, tiny_npz, capsys):
+    # Inception resizes both to 299x299 and would report a number; the check comes before the weights are needed
+    np.savez(tmp_path / "wide.npz", arr_0=np.zeros((4, 8, 12, 3), np.uint8))
+    message = cli_error([tiny_npz, tmp_path / "wide.npz"], capsys)
+    assert "8x8" in message and "12x8" in message
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
+    fid.save_statistics(tmp_path / "stats.npz", stats, "tf", (16, 16))  # a statistics file remembers its size
+    message = cli_error([tiny_npz, tmp_path / "stats.npz"], capsys)
+    assert "8x8" in message and "16x16" in message
 
 
 # ----------------------------------------------------------------------------------------------------------------
