@@ -575,33 +575,43 @@ def gaussian_statistics(features):
 
 
 def _sqrtm(matrix):
-    """scipy's sqrtm; `disp` is deprecated in SciPy 1.17 (a tuple is returned when it is passed), so we never pass
-    it and accept both return forms. Singular-matrix warnings are handled by the caller (eps retry)."""
-    with warnings.catch_warnings():
+    """scipy's square root X of `matrix`, or None where there is none to be had: X not finite (what SciPy < 1.16
+    returns for a singular product without a square root, and pytorch-fid tests for) or X @ X != matrix (SciPy >= 1.16
+    warns and may return huge finite entries instead)."""
+    with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        result = linalg.sqrtm(matrix)
-    return result[0] if isinstance(result, tuple) else result
+        root = linalg.sqrtm(matrix)
+        ok = np.isfinite(root).all() and np.linalg.norm(root @ root - matrix) <= 1e-6 * np.linalg.norm(matrix)
+    return root if ok else None
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), computed like pytorch-fid and the ADM evaluator:
-    scipy sqrtm; if it is not finite, retry with eps*I added to both covariances; an imaginary part is an error
-    unless the diagonal's is within 1e-3 of 0, and is then dropped."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, computed like pytorch-fid and the ADM evaluator.
+    A singular S1 S2 (rank-deficient covariances) may have no square root: then eps*I is added to both covariances
+    and sqrtm retried. A complex root whose diagonal's imaginary part is within 1e-3 of 0 is rounding noise of
+    near-zero eigenvalues and is dropped; a larger one (covariances that are not positive semi-definite) is an error."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise MetricsError(f"statistics have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]} (were both "
                            f"computed from the same layer, e.g. 2048-d pool_3?)")
-    diff = mu1 - mu2
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise MetricsError("statistics contain NaN or infinite values")
     covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
+    if covmean is None:
         warnings.warn(f"Frechet distance: singular product of covariances; adding {eps} to their diagonals")
-        offset = np.eye(sigma1.shape[0]) * eps
+        offset = np.eye(len(sigma1)) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        if covmean is None:
+            raise MetricsError(f"Frechet distance: the covariance product has no square root, even with {eps} added "
+                               f"to the diagonals")
     if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        imaginary = np.abs(np.diagonal(covmean).imag).max()
+        if imaginary > 1e-3:
+            raise MetricsError(f"Frechet distance: imaginary component {imaginary:.3g} on the diagonal of the square "
+                               f"root of the covariance product: the covariances are not positive semi-definite")
         covmean = covmean.real
+    diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from scipy import linalg
 
 import fid
 
@@ -198,6 +199,71 @@ def test_frechet_distance_equals_pytorch_fid_and_vanishes_on_itself():
 def test_frechet_distance_rejects_mismatched_dimensions():
     with pytest.raises(fid.MetricsError, match="different dimensions"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def raw_sqrtm_fails(matrix):
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        root = linalg.sqrtm(matrix)
+        return not np.isfinite(root).all() or np.linalg.norm(root @ root - matrix) > 1e-3 * np.linalg.norm(matrix)
+
+
+# Rank-1 covariances S1 = u u^T (features that vary along one direction) with full-rank S2: S1 S2 has the single
+# non-zero eigenvalue u^T S2 u, so Tr (S1 S2)^(1/2) = sqrt(u^T S2 u). scipy's sqrtm fails on both products: NaN for
+# the first (pytorch-fid retries too), a finite non-root with imaginary parts ~1e8 for the second (pytorch-fid's
+# finiteness test misses it and it raises "Imaginary component").
+SINGULAR_CASES = [
+    ([2, 0, -1], [[5, -2, 4], [-2, 8, 2], [4, 2, 5]], True),
+    ([2, -2, 1, 1, 2], [[9, -6, 4, -7, 3], [-6, 12, 2, 6, -8], [4, 2, 10, -6, -2], [-7, 6, -6, 13, -5],
+                        [3, -8, -2, -5, 6]], False),
+]
+
+
+@pytest.mark.parametrize("u,sigma2,pytorch_fid_retries", SINGULAR_CASES)
+def test_frechet_distance_of_a_singular_product_retries_with_eps(u, sigma2, pytorch_fid_retries):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    u, sigma2 = np.array(u, np.float64), np.array(sigma2, np.float64)
+    sigma1 = np.outer(u, u)
+    assert raw_sqrtm_fails(sigma1 @ sigma2)                            # the problem is real
+    mu1, mu2 = np.zeros(len(u)), np.ones(len(u))
+    expected = len(u) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(u @ sigma2 @ u)
+    with pytest.warns(UserWarning, match="singular product"):
+        value = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert value == pytest.approx(expected, rel=1e-3)                 # eps = 1e-6 moves it by O(sqrt(eps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if pytorch_fid_retries:
+            assert value == pytest.approx(calculate_frechet_distance(mu1, sigma1, mu2, sigma2), rel=1e-12)
+        else:
+            with pytest.raises(ValueError, match="Imaginary component"):
+                calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def test_frechet_distance_drops_a_negligible_imaginary_part_like_pytorch_fid():
+    # fewer images than dimensions: singular covariances, and sqrtm returns a complex root with ~1e-8 imaginary parts
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(10)
+    stats_x = fid.gaussian_statistics(rng.normal(size=(10, 64)))
+    stats_y = fid.gaussian_statistics(rng.normal(size=(10, 64)) + 0.1)
+    assert np.iscomplexobj(linalg.sqrtm(stats_x[1] @ stats_y[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                 # no retry, no ComplexWarning
+        value = fid.frechet_distance(*stats_x, *stats_y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert type(value) is float and value == pytest.approx(calculate_frechet_distance(*stats_x, *stats_y),
+                                                               rel=1e-9)
+
+
+def test_frechet_distance_of_non_psd_or_nan_statistics_is_a_one_line_error(tmp_path, capsys):
+    # a "covariance" with a negative eigenvalue has an imaginary square root: no Frechet distance exists
+    sigma = np.diag([1.0, -1.0, 2.0])
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(3), sigma=sigma)
+    np.savez(tmp_path / "good.npz", mu=np.zeros(3), sigma=np.eye(3))
+    message = cli_error([tmp_path / "bad.npz", tmp_path / "good.npz"], capsys)      # no Inception weights needed
+    assert "imaginary component 1 " in message and "not positive semi-definite" in message
+    with pytest.raises(fid.MetricsError, match="NaN"):
+        fid.frechet_distance(np.full(3, np.nan), np.eye(3), np.zeros(3), np.eye(3))
 
 
 def test_inception_score_closed_forms():
