@@ -302,11 +302,8 @@ class FIDInceptionV3(nn.Module):
 # Weights: found locally, checked, never downloaded
 # ----------------------------------------------------------------------------------------------------------------
 def sha256_of_file(path):
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def find_inception_weights(path=None):
@@ -668,13 +665,12 @@ def precision_recall(real_features, fake_features, k=PR_NEIGHBOURS, device="cpu"
 # ----------------------------------------------------------------------------------------------------------------
 # Statistics of an input, saving them, and the full evaluation
 # ----------------------------------------------------------------------------------------------------------------
-def input_statistics(source, model, batch_size=100, device="cpu", progress=True, need_features=True):
+def input_statistics(source, model, batch_size=100, device="cpu", progress=True):
     """Everything the metrics need about one input: mu, sigma, mu_s, sigma_s (precomputed ones win: an ADM
     reference batch's statistics describe the whole data set, its arr_0 only a 10k subset) and pool_features /
-    logits (N, D) float32 when `need_features`. Missing entries are left out."""
+    logits (N, D) float32. Missing entries are left out."""
     stats = dict(source.stats)
-    wants_features = need_features and not {"pool_features", "logits"} <= set(stats)
-    if source.images is not None and ("mu" not in stats or wants_features):
+    if source.images is not None and not {"mu", "pool_features", "logits"} <= set(stats):
         features = extract_features(model, source.images, batch_size, device, progress, Path(source.name).name)
         stats.setdefault("pool_features", features["pool"])
         stats.setdefault("logits", features["logits"])
