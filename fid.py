@@ -33,23 +33,20 @@ Inputs (SAMPLES and REFERENCE may each be any of):
         `mu_s`, `sigma_s` (statistics over the whole data set: these are used for FID/sFID, as ADM does);
     a statistics file written by `--save-stats`: `mu`, `sigma` (pool_3, pytorch-fid's key names, so pytorch-fid can
         read it), `mu_s`, `sigma_s` (spatial), `pool_features` (N, 2048) float32 for precision/recall, `logits`
-        (N, 1008) float32 for IS, and `resize` (the mode that produced them). We store pool features rather than
-        images: 8 KB per image, and all precision/recall needs. A pytorch-fid stats file (mu, sigma) gives FID only.
+        (N, 1008) float32 for IS, `resize` (the mode that produced them) and `image_size` (H, W). We store pool
+        features rather than images: 8 KB per image, and all precision/recall needs. A pytorch-fid stats file
+        (mu, sigma) gives FID only.
+SAMPLES and REFERENCE of two image sizes (where both are known) are refused.
 
 Usage:
     python fid.py SAMPLES REFERENCE [--inception PATH] [--batch-size 100] [--device cuda] [--resize tf]
     python fid.py SAMPLES --save-stats stats.npz
     torchrun --nproc_per_node 8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz
-    python fid.py samples.npz --embedded          # no Inception weights needed: reference-classifier metrics
 
 Inception weights are never downloaded: --inception PATH, else $EPG_INCEPTION, else the torch hub cache
 (torch.hub.get_dir()/checkpoints/pt_inception-2015-12-05-6726825d.pth, or torch-fidelity's file name there). A cached
 file must have the sha256 prefix 6726825d; an explicitly given one that does not is used with a warning.
-
-Embedded data set mode. The default data set is procedural shapes, not ImageNet, and needs to be evaluated where no
-Inception weights are available. `reference_classifier` trains a small CNN on the shapes once (seconds, cached on disk) and
-`embedded_metrics` reports the Frechet distance of its features to those of the validation split ("FD_ref") and the
-fraction of samples classified as their conditioning label. These numbers are NOT comparable to Inception FID.
+The embedded shapes data set is scored without Inception by `python data.py score SAMPLES.npz`.
 """
 import argparse
 import concurrent.futures
@@ -305,11 +302,8 @@ class FIDInceptionV3(nn.Module):
 # Weights: found locally, checked, never downloaded
 # ----------------------------------------------------------------------------------------------------------------
 def sha256_of_file(path):
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def find_inception_weights(path=None):
@@ -340,8 +334,8 @@ def find_inception_weights(path=None):
             return cached
     raise MetricsError(f"Inception weights {INCEPTION_FILENAME} not found (fid.py never downloads): fetch "
                        f"{INCEPTION_URL} (pytorch-fid's GitHub release) and put it in {hub_dir}/, or pass "
-                       f"--inception PATH, or set EPG_INCEPTION=PATH (the embedded shapes data set's --embedded "
-                       f"mode needs none)")
+                       f"--inception PATH, or set EPG_INCEPTION=PATH (the embedded shapes data set needs none: "
+                       f"python data.py score)")
 
 
 def load_inception(path=None, device="cpu", resize="tf"):
@@ -422,6 +416,8 @@ class NpzImages:
         if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
             raise MetricsError(f"'{path}': {key} must be uint8 images of shape (N, H, W, 3) (NHWC, as written by "
                                f"np.savez), got {dtype} {shape}")
+        if shape[0] == 0:
+            raise MetricsError(f"'{path}' holds no images ({key} has shape {shape})")
         if info.compress_type == zipfile.ZIP_STORED:
             with open(path, "rb") as raw:              # data start = local file header (30 bytes + name + extra)
                 raw.seek(info.header_offset)
@@ -438,20 +434,6 @@ class NpzImages:
 
     def read(self, start, stop):
         return np.array(self.array[start:stop])                     # a writable copy, not a view of the file
-
-
-class InMemoryImages:
-    """An (N, H, W, 3) uint8 array with the read(start, stop) interface of FolderImages / NpzImages."""
-
-    def __init__(self, images):
-        self.images = images
-        self.image_shape = images.shape[1:]
-
-    def __len__(self):
-        return len(self.images)
-
-    def read(self, start, stop):
-        return np.asarray(self.images[start:stop])
 
 
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features", "logits")
@@ -480,14 +462,23 @@ def check_statistics(stats, source):
 
 class EvalInput:
     """One side of the comparison. Attributes:
-        images: FolderImages / NpzImages / InMemoryImages or None (a pure statistics file)
-        stats:  dict of precomputed arrays among STATS_KEYS (float64 mu/sigma)
-        labels: (N,) int64 class labels (`arr_1` of a sample npz) or None
-        resize: the resize mode recorded in a statistics file, or None
+        images:     FolderImages / NpzImages or None (a pure statistics file)
+        stats:      dict of precomputed arrays among STATS_KEYS (float64 mu/sigma)
+        resize:     the resize mode recorded in a statistics file, or None
+        image_size: (H, W) of the images, or as recorded in a statistics file, or None (unknown)
     """
 
-    def __init__(self, name, images=None, stats=None, labels=None, resize=None):
-        self.name, self.images, self.stats, self.labels, self.resize = name, images, stats or {}, labels, resize
+    def __init__(self, name, images=None, stats=None, resize=None, image_size=None):
+        self.name, self.images, self.stats, self.resize = name, images, stats or {}, resize
+        self.image_size = tuple(images.image_shape[:2]) if images is not None else image_size
+
+
+def check_same_image_size(samples, reference):
+    """Inception resizes everything to 299x299, so inputs of two resolutions give a number without meaning."""
+    if None not in (samples.image_size, reference.image_size) and samples.image_size != reference.image_size:
+        (h1, w1), (h2, w2) = samples.image_size, reference.image_size
+        raise MetricsError(f"'{samples.name}' holds {w1}x{h1} images but '{reference.name}' {w2}x{h2}: compare "
+                           f"samples with a reference of the same resolution")
 
 
 def open_input(path):
@@ -501,9 +492,9 @@ def open_input(path):
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
             stats = {k: np.asarray(npz[k]) for k in STATS_KEYS if k in keys}
-            labels = np.asarray(npz["arr_1"]) if "arr_1" in keys else None
             resize = str(npz["resize"]) if "resize" in keys else None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+            image_size = tuple(int(v) for v in npz["image_size"]) if "image_size" in keys else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise MetricsError(f"cannot read '{path}' as an npz file: {e}") from None
     if not keys & {"arr_0", "mu", "pool_features"}:
         raise MetricsError(f"'{path}' has keys {sorted(keys)}: expected 'arr_0' (images, N x H x W x 3 uint8) "
@@ -513,10 +504,7 @@ def open_input(path):
         if key in stats:
             stats[key] = stats[key].astype(np.float64)
     images = NpzImages(path) if "arr_0" in keys else None
-    if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)
-                               or (images is not None and len(labels) != len(images))):
-        raise MetricsError(f"'{path}': arr_1 must hold one integer label per image, got {labels.dtype} {labels.shape}")
-    return EvalInput(str(path), images=images, stats=stats, labels=labels, resize=resize)
+    return EvalInput(str(path), images=images, stats=stats, resize=resize, image_size=image_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,7 +532,7 @@ def all_gather_rows(local, total):
 @torch.no_grad()
 def extract_features(model, images, batch_size=100, device="cpu", progress=True, description="features"):
     """Run `model` (uint8 (n, 3, H, W) -> dict of (n, D) features, e.g. FIDInceptionV3) over an image source
-    (FolderImages / NpzImages / InMemoryImages). Under torchrun each rank takes one contiguous block of images and
+    (FolderImages / NpzImages). Under torchrun each rank takes one contiguous block of images and
     the blocks are gathered in rank order, so the result is in image order and, up to the float32 rounding of other
     batch compositions, independent of the number of ranks. TF32 is off. Returns float32 numpy arrays (N, D)."""
     from tqdm import tqdm
@@ -584,33 +572,43 @@ def gaussian_statistics(features):
 
 
 def _sqrtm(matrix):
-    """scipy's sqrtm; `disp` is deprecated in SciPy 1.17 (a tuple is returned when it is passed), so we never pass
-    it and accept both return forms. Singular-matrix warnings are handled by the caller (eps retry)."""
-    with warnings.catch_warnings():
+    """scipy's square root X of `matrix`, or None where there is none to be had: X not finite (what SciPy < 1.16
+    returns for a singular product without a square root, and pytorch-fid tests for) or X @ X != matrix (SciPy >= 1.16
+    warns and may return huge finite entries instead)."""
+    with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        result = linalg.sqrtm(matrix)
-    return result[0] if isinstance(result, tuple) else result
+        root = linalg.sqrtm(matrix)
+        ok = np.isfinite(root).all() and np.linalg.norm(root @ root - matrix) <= 1e-6 * np.linalg.norm(matrix)
+    return root if ok else None
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), computed like pytorch-fid and the ADM evaluator:
-    scipy sqrtm; if it is not finite, retry with eps*I added to both covariances; an imaginary part is an error
-    unless the diagonal's is within 1e-3 of 0, and is then dropped."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, computed like pytorch-fid and the ADM evaluator.
+    A singular S1 S2 (rank-deficient covariances) may have no square root: then eps*I is added to both covariances
+    and sqrtm retried. A complex root whose diagonal's imaginary part is within 1e-3 of 0 is rounding noise of
+    near-zero eigenvalues and is dropped; a larger one (covariances that are not positive semi-definite) is an error."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise MetricsError(f"statistics have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]} (were both "
                            f"computed from the same layer, e.g. 2048-d pool_3?)")
-    diff = mu1 - mu2
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise MetricsError("statistics contain NaN or infinite values")
     covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
+    if covmean is None:
         warnings.warn(f"Frechet distance: singular product of covariances; adding {eps} to their diagonals")
-        offset = np.eye(sigma1.shape[0]) * eps
+        offset = np.eye(len(sigma1)) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        if covmean is None:
+            raise MetricsError(f"Frechet distance: the covariance product has no square root, even with {eps} added "
+                               f"to the diagonals")
     if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        imaginary = np.abs(np.diagonal(covmean).imag).max()
+        if imaginary > 1e-3:
+            raise MetricsError(f"Frechet distance: imaginary component {imaginary:.3g} on the diagonal of the square "
+                               f"root of the covariance product: the covariances are not positive semi-definite")
         covmean = covmean.real
+    diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
@@ -667,13 +665,12 @@ def precision_recall(real_features, fake_features, k=PR_NEIGHBOURS, device="cpu"
 # ----------------------------------------------------------------------------------------------------------------
 # Statistics of an input, saving them, and the full evaluation
 # ----------------------------------------------------------------------------------------------------------------
-def input_statistics(source, model, batch_size=100, device="cpu", progress=True, need_features=True):
+def input_statistics(source, model, batch_size=100, device="cpu", progress=True):
     """Everything the metrics need about one input: mu, sigma, mu_s, sigma_s (precomputed ones win: an ADM
     reference batch's statistics describe the whole data set, its arr_0 only a 10k subset) and pool_features /
-    logits (N, D) float32 when `need_features`. Missing entries are left out."""
+    logits (N, D) float32. Missing entries are left out."""
     stats = dict(source.stats)
-    wants_features = need_features and not {"pool_features", "logits"} <= set(stats)
-    if source.images is not None and ("mu" not in stats or wants_features):
+    if source.images is not None and not {"mu", "pool_features", "logits"} <= set(stats):
         features = extract_features(model, source.images, batch_size, device, progress, Path(source.name).name)
         stats.setdefault("pool_features", features["pool"])
         stats.setdefault("logits", features["logits"])
@@ -686,10 +683,10 @@ def input_statistics(source, model, batch_size=100, device="cpu", progress=True,
     return stats
 
 
-def save_statistics(path, stats, resize):
+def save_statistics(path, stats, resize, image_size):
     """Write a statistics file (keys: see the module docstring)."""
     arrays = {key: stats[key] for key in STATS_KEYS if key in stats}
-    np.savez(path, resize=np.array(resize), **arrays)
+    np.savez(path, resize=np.array(resize), image_size=np.array(image_size), **arrays)
 
 
 def evaluate(samples, reference, model, batch_size=100, device="cpu", progress=True):
@@ -726,210 +723,26 @@ def evaluate(samples, reference, model, batch_size=100, device="cpu", progress=T
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Embedded data set mode: a small reference classifier instead of Inception
-# ----------------------------------------------------------------------------------------------------------------
-# The classifier and its training schedule; change CLASSIFIER_VERSION whenever any of this changes (cache key).
-CLASSIFIER_VERSION = "v1"
-CLASSIFIER_RESOLUTION = 32        # larger images are area-downsampled to 32x32 inside the classifier
-CLASSIFIER_TRAIN_IMAGES = 8000    # EmbeddedShapes(split="train") items 0..7999, seed 0
-CLASSIFIER_EPOCHS = 6
-CLASSIFIER_BATCH = 128
-CLASSIFIER_LR = 8e-3              # AdamW, one-cycle schedule
-CLASSIFIER_MIN_VAL_ACC = 0.90     # promised (and tested) accuracy on the val split at 32x32
-
-
-def default_cache_dir():
-    """$EPG_CACHE, else ~/.cache/epg."""
-    return Path(os.environ.get("EPG_CACHE") or Path.home() / ".cache" / "epg")
-
-
-class ReferenceClassifier(nn.Module):
-    """A small CNN for the embedded shapes (10 classes). forward(images) -> (features (N, 128), logits (N, 10)).
-
-    images: (N, 3, H, W) torch tensor, uint8 in [0, 255] or float in [0, 1]. Inputs larger than 32x32 are
-    area-downsampled to 32x32 first (the shapes are recognisable at 32 px; this keeps training to seconds at
-    every size). The features, the global-average-pooled last conv layer, are what FD_ref compares.
-    Attributes set by reference_classifier: image_size, val_acc, val_mu (128,), val_sigma (128, 128) float64.
-    """
-
-    def __init__(self, num_classes=10, feature_dim=128):
-        super().__init__()
-
-        def conv_bn_relu(cin, cout, kernel=3):
-            return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-        self.body = nn.Sequential(
-            *conv_bn_relu(3, 16), nn.MaxPool2d(2),                  # (N, 16, 16, 16) at 32x32 input
-            *conv_bn_relu(16, 32), nn.MaxPool2d(2),                 # (N, 32, 8, 8)
-            *conv_bn_relu(32, 64), nn.MaxPool2d(2),                 # (N, 64, 4, 4)
-            *conv_bn_relu(64, feature_dim, kernel=1),               # (N, 128, 4, 4)
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),                  # (N, 128)
-        )
-        self.head = nn.Linear(feature_dim, num_classes)
-        self.to(memory_format=torch.channels_last)                  # ~1.5x faster convolutions on CPUs
-
-    def forward(self, images):
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        if x.shape[-1] > CLASSIFIER_RESOLUTION or x.shape[-2] > CLASSIFIER_RESOLUTION:
-            x = F.interpolate(x, size=(CLASSIFIER_RESOLUTION, CLASSIFIER_RESOLUTION), mode="area")
-        features = self.body((2 * x - 1).contiguous(memory_format=torch.channels_last))
-        return features, self.head(features)
-
-
-def _embedded_split(split, image_size, length=None):
-    """All items of data.EmbeddedShapes(split) as uint8 (N, 3, H, W) and int64 labels (N,)."""
-    import data
-    try:
-        dataset = data.EmbeddedShapes(split=split, image_size=image_size, length=length)
-    except data.DataError as e:
-        raise MetricsError(str(e)) from None
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-
-
-@torch.no_grad()
-def classify(classifier, images, batch_size=500):
-    """images uint8 (N, 3, H, W) tensor -> (features (N, 128), logits (N, 10)) float32 on the CPU."""
-    device = next(classifier.parameters()).device
-    outputs = [classifier(images[i:i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
-    return torch.cat([f for f, _ in outputs]).float().cpu(), torch.cat([l for _, l in outputs]).float().cpu()
-
-
-def train_reference_classifier(image_size, device="cpu", progress=False):
-    """Deterministic short schedule (seeded init and data order; random 90-degree rotations and flips, which keep
-    every shape class). Returns the classifier in eval mode with val_acc / val_mu / val_sigma set.
-    On a CPU it trains on one thread (~20 s): these small convolutions gain little from more threads, and
-    several threads slow down badly on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        return _train_reference_classifier(image_size, device, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_reference_classifier(image_size, device, progress):
-    images, labels = _embedded_split("train", image_size, CLASSIFIER_TRAIN_IMAGES)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        classifier = ReferenceClassifier().to(device)
-    generator = torch.Generator().manual_seed(0)
-    steps_per_epoch = len(images) // CLASSIFIER_BATCH
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=CLASSIFIER_LR, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, CLASSIFIER_LR, pct_start=0.25,
-                                                   total_steps=CLASSIFIER_EPOCHS * steps_per_epoch)
-    classifier.train()
-    for epoch in range(CLASSIFIER_EPOCHS):
-        order = torch.randperm(len(images), generator=generator)
-        for step in range(steps_per_epoch):
-            index = order[step * CLASSIFIER_BATCH:(step + 1) * CLASSIFIER_BATCH]
-            x = images[index]
-            x = torch.rot90(x, int(torch.randint(4, (1,), generator=generator)), dims=(2, 3))
-            if torch.rand(1, generator=generator).item() < 0.5:
-                x = x.flip(3)
-            _, logits = classifier(x.to(device))
-            loss = F.cross_entropy(logits, labels[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        if progress:
-            print(f"reference classifier: epoch {epoch + 1}/{CLASSIFIER_EPOCHS} loss {loss.item():.3f}",
-                  file=sys.stderr)
-    classifier.eval()
-    val_images, val_labels = _embedded_split("val", image_size)
-    features, logits = classify(classifier, val_images)
-    classifier.image_size = image_size
-    classifier.val_acc = (logits.argmax(1) == val_labels).double().mean().item()
-    classifier.val_mu, classifier.val_sigma = gaussian_statistics(features.numpy())
-    return classifier
-
-
-def reference_classifier(image_size, device="cpu", cache_dir=None):
-    """The reference classifier for the embedded data set at `image_size` (eval mode, on `device`): loaded from
-    `cache_dir` (default $EPG_CACHE or ~/.cache/epg), else trained (seconds on a CPU) and cached there.
-
-    forward(images (N, 3, H, W) uint8 or float in [0, 1]) -> (features (N, 128), logits (N, 10)); attributes
-    val_acc (accuracy on the val split), val_mu / val_sigma (feature statistics of the val split, the FD_ref
-    reference), image_size.
-    """
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache_dir / f"reference_classifier_{CLASSIFIER_VERSION}_{int(image_size)}px.pt"
-    classifier = ReferenceClassifier()
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            classifier.load_state_dict(saved["state_dict"])
-            classifier.image_size, classifier.val_acc = saved["image_size"], saved["val_acc"]
-            classifier.val_mu, classifier.val_sigma = saved["val_mu"].numpy(), saved["val_sigma"].numpy()
-            return classifier.eval().to(device)
-        except Exception as e:
-            print(f"warning: ignoring unreadable cached classifier '{path}' ({type(e).__name__}); retraining",
-                  file=sys.stderr)
-    print(f"training the reference classifier for {image_size}x{image_size} embedded shapes (once; cached in "
-          f"{cache_dir})", file=sys.stderr)
-    classifier = train_reference_classifier(int(image_size), device)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": classifier.state_dict(), "image_size": classifier.image_size,
-                "val_acc": classifier.val_acc, "val_mu": torch.from_numpy(classifier.val_mu),
-                "val_sigma": torch.from_numpy(classifier.val_sigma)}, temporary)
-    os.replace(temporary, path)                              # atomic: concurrent processes never read half a file
-    return classifier
-
-
-def embedded_metrics(images_uint8_nhwc, labels=None, image_size=None, device="cpu", cache_dir=None):
-    """Reference-classifier metrics of generated embedded-data-set images.
-
-    images_uint8_nhwc: (N, H, W, 3) uint8 numpy array or tensor; labels: (N,) conditioning labels or None;
-    image_size: of the classifier (default H). Returns a dict:
-        "fd_ref":    Frechet distance between the classifier features of the images and those of the val split
-                     (NOT comparable to Inception FID: other network, other data)
-        "class_acc": fraction of images classified as their label (only with labels)
-        "val_acc":   accuracy of the classifier itself on the val split (what class_acc can reach at best)
-    """
-    images = torch.as_tensor(np.array(images_uint8_nhwc))
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise MetricsError(f"embedded metrics need uint8 images of shape (N, H, W, 3), got {images.dtype} "
-                           f"{tuple(images.shape)}")
-    image_size = int(image_size or images.shape[1])
-    if images.shape[1:3] != (image_size, image_size):
-        raise MetricsError(f"images are {images.shape[2]}x{images.shape[1]} but the reference classifier is for "
-                           f"{image_size}x{image_size} (pass the image size the samples were generated at)")
-    classifier = reference_classifier(image_size, device, cache_dir)
-    features, logits = classify(classifier, images.permute(0, 3, 1, 2))
-    mu, sigma = gaussian_statistics(features.numpy())
-    metrics = {"fd_ref": frechet_distance(mu, sigma, classifier.val_mu, classifier.val_sigma)}
-    if labels is not None:
-        labels = torch.as_tensor(np.asarray(labels)).long()
-        if labels.shape != (len(images),):
-            raise MetricsError(f"need one label per image, got labels of shape {tuple(labels.shape)} for "
-                               f"{len(images)} images")
-        metrics["class_acc"] = (logits.argmax(1) == labels).double().mean().item()
-    metrics["val_acc"] = classifier.val_acc
-    return metrics
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+EMBEDDED_MOVED = "fid.py --embedded moved: run python data.py score SAMPLES.npz"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="FID, sFID, Inception Score and precision/recall (ADM / pytorch-fid compatible), or "
-                    "reference-classifier metrics for the embedded data set (--embedded).",
+        description="FID, sFID, Inception Score and precision/recall (ADM / pytorch-fid compatible). The embedded "
+                    "shapes data set is scored by python data.py score SAMPLES.npz.",
         epilog="examples:\n"
                "  python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception pt_inception.pth\n"
                "  torchrun --nproc_per_node 8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz\n"
-               "  python fid.py reference_images/ --save-stats reference_stats.npz\n"
-               "  python fid.py samples.npz --embedded --out metrics.json",
+               "  python fid.py reference_images/ --save-stats reference_stats.npz",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", metavar="SAMPLES",
                         help="generated images: a folder of png/jpg, an npz with arr_0 (N,H,W,3) uint8 "
                              "(+ optional arr_1 labels), or a statistics file from --save-stats")
     parser.add_argument("reference", metavar="REFERENCE", nargs="?",
                         help="reference: an ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0), a statistics "
-                             "file, a sample-style npz or a folder; not used with --save-stats / --embedded")
+                             "file, a sample-style npz or a folder; not used with --save-stats")
     parser.add_argument("--inception", metavar="PATH", default=None,
                         help=f"Inception weights ({INCEPTION_FILENAME}); default: $EPG_INCEPTION, else "
                              f"torch.hub.get_dir()/checkpoints/{INCEPTION_FILENAME}. Never downloaded")
@@ -943,23 +756,13 @@ def parse_args(argv=None):
     parser.add_argument("--save-stats", metavar="OUT.npz", default=None,
                         help="write the statistics of SAMPLES (mu, sigma, mu_s, sigma_s, pool_features, logits) "
                              "to OUT.npz instead of comparing with a REFERENCE")
-    parser.add_argument("--embedded", action="store_true",
-                        help="reference-classifier metrics for the embedded shapes data set (FD_ref, class "
-                             "accuracy); needs no Inception weights, NOT comparable to Inception FID")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="--embedded: image size of the reference classifier (default: that of SAMPLES)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="--embedded: where the reference classifier is cached (default: $EPG_CACHE, else "
-                             "~/.cache/epg)")
     parser.add_argument("--out", metavar="metrics.json", default=None, help="also write the metrics as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    if args.save_stats and args.embedded:
-        parser.error("--save-stats and --embedded do not go together")
-    if not args.save_stats and not args.embedded and args.reference is None:
-        parser.error("give a REFERENCE (e.g. an ADM reference batch), or --save-stats OUT.npz, or --embedded")
+    if not args.save_stats and args.reference is None:
+        parser.error("give a REFERENCE (e.g. an ADM reference batch), or --save-stats OUT.npz")
     return args
 
 
@@ -978,60 +781,44 @@ def setup_device(device):
     return torch.device(device)
 
 
-EMBEDDED_LABELS = {
-    "fd_ref": "FD_ref (reference classifier, NOT comparable to Inception FID)",
-    "class_acc": "Class accuracy",
-    "val_acc": "Reference classifier val accuracy",
-}
-
-
-def report(metrics, out_path, labels):
-    """One line per metric on stdout, `label: value`; optionally the same as JSON."""
-    for name, value in metrics.items():
-        print(f"{labels.get(name, name)}: {value:.8g}")
-    if out_path:
-        Path(out_path).write_text(json.dumps(metrics, indent=2) + "\n")
-
-
 def run(args):
     device = setup_device(args.device)
     rank, _ = dist_rank_world()
     progress = not args.no_progress
     samples = open_input(args.samples)
-    if args.embedded:                  # small enough for one process: the other torchrun ranks have nothing to do
-        if rank != 0:
-            return
-        if samples.images is None:
-            raise MetricsError(f"--embedded needs images; '{args.samples}' holds only statistics")
-        if samples.labels is None:
-            print("note: no labels (arr_1) in SAMPLES, class accuracy skipped", file=sys.stderr)
-        images = samples.images.read(0, len(samples.images))
-        metrics = embedded_metrics(images, samples.labels, args.image_size, device, cache_dir=args.cache_dir)
-        report(metrics, args.out, EMBEDDED_LABELS)
-        return
-    reference = open_input(args.reference) if not args.save_stats else None   # a bad path fails before the weights load
-    model = load_inception(args.inception, device, args.resize)
     if args.save_stats:
         if samples.images is None:
             raise MetricsError(f"'{args.samples}' already holds statistics and no images; nothing to compute")
+        model = load_inception(args.inception, device, args.resize)
         stats = input_statistics(samples, model, args.batch_size, device, progress)
         if rank == 0:
-            save_statistics(args.save_stats, stats, args.resize)
+            save_statistics(args.save_stats, stats, args.resize, samples.image_size)
             print(f"statistics of {len(samples.images)} images written to {args.save_stats}", file=sys.stderr)
         return
+    reference = open_input(args.reference)             # bad inputs fail before the weights load
+    check_same_image_size(samples, reference)
     for source in (samples, reference):            # ADM reference batches come from the TF graph: "tf"
         recorded = source.resize or ("tf" if "mu_s" in source.stats else None)
         if rank == 0 and recorded not in (None, args.resize):
             print(f"warning: the statistics in '{source.name}' were computed with --resize {recorded}, this run "
                   f"uses --resize {args.resize}: the numbers mix two preprocessings", file=sys.stderr)
+    needs_inception = samples.images is not None or reference.images is not None
+    model = load_inception(args.inception, device, args.resize) if needs_inception else None
     metrics, notes = evaluate(samples, reference, model, args.batch_size, device, progress)
     if rank == 0:
         for note in notes:
             print("note: " + note, file=sys.stderr)
-        report(metrics, args.out, {})
+        for name, value in metrics.items():
+            print(f"{name}: {value:.8g}")
+        if args.out:
+            Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--embedded" in argv:
+        print(f"error: {EMBEDDED_MOVED}", file=sys.stderr)
+        sys.exit(2)
     args = parse_args(argv)
     try:
         run(args)

@@ -1,4 +1,6 @@
-"""Load the authors' released checkpoints (RCM encoders, EPG generators) into our models.
+"""Convert the authors' released checkpoints (RCM encoders, EPG generators) into checkpoints of this project.
+
+    python official.py convert SRC OUT.pt [--weights ema|online]
 
 The official code (`rcm/vit.py`: `RCMViT` for pre-training, `EPGViT` for fine-tuning; `DMViT` in the first,
 inference-only release has the same parameter names) saves folders of plain PyTorch state dicts:
@@ -7,12 +9,19 @@ inference-only release has the same parameter names) saves folders of plain PyTo
     nnet_ema.pth      EMA weights           (what the official sampler reads: --ckpt)
     target_model.pth  pre-training momentum encoder (never picked automatically; pass the file to use it)
 
-Usage (the caller turns OfficialCheckpointError, a ValueError, into a one-line CLI error):
+SRC is such a folder or one .pth file. In a folder, --weights picks the file: by default nnet_ema.pth for an EPG and
+nnet.pth for an RCM, as the official scripts do (the other file if that one is absent). OUT.pt (never overwritten;
+written atomically) is read like a checkpoint of our own scripts (--init of the fine-tuning scripts, sample.py --ckpt):
 
-    kind, config, state = load_official("EPG-XL-folder", prefer="ema")    # or a .pth file
-    model = build_model(config)                                            # our EPG / RCM of the inferred size
-    model.load_state_dict(state)                                           # strict: every tensor is filled
-    defaults = official_sampling(config)                                   # how the official sampler ran it
+    RCM  {"stage": "pretrain", "step": 0, "model": RCM state dict,
+          "config": {"model", "image_size", "patch_size", "proj_dim", "normalize": "imagenet", "converted_from"}}
+    EPG  {"stage": "diffusion" | "consistency", "step": 0, "model": EPG state dict, "ema": the same tensors,
+          "config": {"model", "image_size", "patch_size", "num_classes", "normalize", "converted_from",
+                     "sampling": how the official sampler ran it, keyed by sample.py's arguments}}
+
+converted_from is the file read. An EPG's "model" and "ema" hold the one set of weights --weights chose (stored once);
+its normalize is "imagenet", "simple" for the unconditional consistency release (see OFFICIAL_SAMPLING).
+An RCM saved without its projector converts to the encoder alone (proj_dim None): enough for --init.
 
 Model size. Depths come from the block counts, widths from the tensor shapes, the patch size from the patch-embedding
 kernel, the image size from the positional-embedding length (2 extra tokens + (image/patch)^2 patches). The head counts
@@ -21,9 +30,12 @@ the official configs), and a checkpoint that matches no entry is refused.
 
 Every conversion is a renaming (NAME_TABLE below): no tensor needs reordering, as argued next to the table.
 """
+import argparse
+import contextlib
 import math
 import os
 import re
+import sys
 
 import torch
 
@@ -73,8 +85,8 @@ NAME_TABLE = [
 ]
 
 # ----------------------------------------------------------------------------------------------------------------
-# How the official sampler runs a released generator (official `sample.py`, `rcm/rcm_denoiser.py`, configs).
-# Callers apply these by default for official checkpoints so that the released FIDs can be reproduced:
+# How the official sampler runs a released generator (official `sample.py`, `rcm/rcm_denoiser.py`, configs), written
+# into config["normalize"] and config["sampling"] so that the released FIDs can be reproduced:
 #   normalize  "imagenet": data = (x - mean_IN) / (2 std_IN) (data.normalize mode), std="imagenet" in every
 #              released diffusion config; the unconditional consistency checkpoint (no class table, first-release
 #              config without `std`) used "simple" = 2x - 1.
@@ -88,8 +100,10 @@ NAME_TABLE = [
 #   sampler    fp32, EMA weights, Heun over 32 shifted Karras points without a final sigma = 0, interval CFG on
 #              (0.19 s, 1.61 s]; the consistency model samples in one step from s * 80.
 # ----------------------------------------------------------------------------------------------------------------
-OFFICIAL_SAMPLING = dict(normalize="imagenet", clamp="official", null_class=1000, weights="ema", precision="fp32",
-                         sampler="heun", steps=32, cfg_interval=(0.19, 1.61), c_noise="250 ln sigma~ (unchanged)")
+OFFICIAL_SAMPLING = {
+    "diffusion": dict(clamp="official", sampler="heun", steps=32, cfg_interval=(0.19, 1.61)),
+    "consistency": dict(clamp="official", sampler="consistency", steps=1),
+}
 
 # (model, image size) of each released generator -> (stage, guidance scale of the official sampling script or None)
 RELEASED_GENERATORS = {
@@ -165,18 +179,13 @@ def _shape(sd, key):
     return tuple(sd[key].shape)
 
 
-def _encoder_signature(name):
-    cfg = models.model_config(name)
-    return cfg["depth"], cfg["enc_dim"], cfg["enc_heads"], cfg["tokens_per_side"]
-
-
 def infer_official_config(sd):
     """Model size of an official state dict, from its tensor shapes.
 
     Returns dict(kind "rcm" | "epg", model (a models.MODEL_CONFIGS name), image_size, patch_size,
     num_classes (EPG: rows of the class table - 1, i.e. the null index; 0 for an unconditional model without a class
     table; None for RCM), proj_dim (RCM projector output; None for EPG, or for an RCM saved without projector),
-    depth, enc_dim, dec_dim, encoder_of (our model names whose encoder this checkpoint's encoder fits, for --init)).
+    depth, enc_dim, dec_dim).
     Raises OfficialCheckpointError if `sd` is not official or matches none of our configurations.
     """
     if not is_official_state_dict(sd):
@@ -224,19 +233,18 @@ def infer_official_config(sd):
                                       f"({', '.join(models.MODEL_CONFIGS)}); add it to models.MODEL_CONFIGS with "
                                       f"its head counts")
     config["model"] = names[0]
-    config["encoder_of"] = [n for n in models.MODEL_CONFIGS if _encoder_signature(n) == _encoder_signature(names[0])]
     return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Conversion
 # ----------------------------------------------------------------------------------------------------------------
-def build_model(config, decoder_dropout=0.0):
+def build_model(config):
     """Our model for an inferred official `config`: models.build_epg / build_rcm (random init; load the converted
     state dict into it). An RCM saved without projector converts to its encoder only: use it with
     models.load_encoder_from_rcm (fine-tuning --init) rather than with this RCM."""
     if config["kind"] == "epg":
-        return models.build_epg(config["model"], config["image_size"], config["num_classes"], decoder_dropout)
+        return models.build_epg(config["model"], config["image_size"], config["num_classes"])
     return models.build_rcm(config["model"], config["image_size"], config["proj_dim"])
 
 
@@ -245,14 +253,13 @@ def _short_list(items, limit=6):
     return f"[{shown}{f', ... (+{len(items) - limit} more)' if len(items) > limit else ''}]"
 
 
-def _convert(sd, kind):
-    """Rename every official tensor to ours, checking a one-to-one, shape-exact match with our model."""
+def convert_state_dict(sd):
+    """Official RCMViT / EPGViT (or DMViT) state dict -> (infer_official_config(sd), our state dict, which loads with
+    strict=True into build_model(config)). Every official tensor is used exactly once and every one of ours is
+    filled, else OfficialCheckpointError lists the missing, unexpected and wrong-shaped tensors (official names)."""
     sd = _strip_module_prefix(sd) if isinstance(sd, dict) else sd
     config = infer_official_config(sd)
-    if config["kind"] != kind:
-        other = {"epg": "convert_epg (an EPG encoder-decoder)", "rcm": "convert_rcm (an RCM encoder)"}
-        raise OfficialCheckpointError(f"this official state dict holds an {config['kind'].upper()}, not an "
-                                      f"{kind.upper()}; use {other[config['kind']]}")
+    kind = config["kind"]
     with torch.device("meta"):                                             # shapes only, no memory
         target = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
     if kind == "rcm" and config["proj_dim"] is None:                      # saved without projector: encoder only
@@ -275,7 +282,7 @@ def _convert(sd, kind):
             converted[ours] = tensor
     missing = [ours_to_official(k) for k in target if k not in matched]
     if missing or unexpected or wrong_shape:
-        what = "EPG" if kind == "epg" else "RCM"
+        what = kind.upper()
         problems = [f"{len(l)} {label} {_short_list(l)}" for label, l in
                     (("missing", missing), ("unexpected", unexpected), ("wrong-shaped (got vs expected)", wrong_shape))
                     if l]
@@ -283,29 +290,15 @@ def _convert(sd, kind):
                                       f"{config['image_size']}px: " + "; ".join(problems))
     if kind == "epg" and config["num_classes"] == 0:
         converted["class_embed.weight"] = torch.zeros(1, config["enc_dim"], dtype=sd["pos_embed"].dtype)
-    return converted
-
-
-def convert_rcm(sd):
-    """Official RCMViT state dict -> our RCM state dict (models.RCM keys; loads with strict=True into
-    build_model(infer_official_config(sd))). Every official tensor is used exactly once and every one of ours is
-    filled, else OfficialCheckpointError lists the missing, unexpected and wrong-shaped tensors (official names)."""
-    return _convert(sd, "rcm")
-
-
-def convert_epg(sd):
-    """Official EPGViT (or DMViT) state dict -> our EPG state dict, with the same checks as convert_rcm."""
-    return _convert(sd, "epg")
+    return config, converted
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Files and folders
+# Files, folders and our checkpoint
 # ----------------------------------------------------------------------------------------------------------------
-def _checkpoint_file(path, prefer):
-    if prefer not in CHECKPOINT_FILES:
-        raise OfficialCheckpointError(f"unknown weights choice {prefer!r}; choose one of {', '.join(CHECKPOINT_FILES)}")
+def _checkpoint_file(path, weights):
     if os.path.isdir(path):
-        for name in CHECKPOINT_FILES[prefer]:
+        for name in CHECKPOINT_FILES[weights]:
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
         raise OfficialCheckpointError(f"folder '{path}' holds neither nnet_ema.pth nor nnet.pth (the official "
@@ -332,61 +325,90 @@ def _read_state_dict(file):
     return _strip_module_prefix(sd)
 
 
-def is_official_checkpoint(path):
-    """True if `path` is a folder with nnet.pth / nnet_ema.pth, or a file holding an official state dict.
-    Cheap for the usual zip format (the file is memory-mapped, not read). Our own checkpoint files give False."""
-    if os.path.isdir(path):
-        return any(os.path.isfile(os.path.join(path, n)) for n in CHECKPOINT_FILES["ema"])
-    try:
-        _read_state_dict(path)
-    except OfficialCheckpointError:
-        return False
-    return True
-
-
-def load_official(path, prefer="ema", model=None, image_size=None):
-    """Read an official checkpoint and convert it to our layout.
-
-    path:   a released folder, or one .pth file (nnet.pth, nnet_ema.pth, target_model.pth).
-    prefer: in a folder, "ema" reads nnet_ema.pth (the sampler's choice; nnet.pth if there is no EMA file) and
-            "online" reads nnet.pth (what the official fine-tuning reads from an RCM folder; nnet_ema.pth if absent).
-    model, image_size: optional --model / --image-size to check against: an EPG must be exactly that model; an RCM
-            only needs an encoder that fits `model` (RCM-B initialises EPG-B, XL, XXL and G).
-    Returns (kind "rcm" | "epg", config (infer_official_config + "file": the file read), state dict in our layout).
-    Raises OfficialCheckpointError (a ValueError) with a one-line message.
-    """
-    file = _checkpoint_file(path, prefer)
-    sd = _read_state_dict(file)
-    config = {**infer_official_config(sd), "file": file}
-    kind, found = config["kind"], f"{config['kind'].upper()}-{config['model']} at {config['image_size']}px"
-    if model is not None:
-        fits = model == config["model"] if kind == "epg" else model in config["encoder_of"]
-        if not fits:
-            fix = f"--model {config['model']}" if kind == "epg" else f"--model one of {', '.join(config['encoder_of'])}"
-            raise OfficialCheckpointError(f"'{file}' holds the official {found}, which does not fit model {model}; "
-                                          f"pass {fix} or another checkpoint")
-    if image_size is not None and image_size != config["image_size"]:
-        raise OfficialCheckpointError(f"'{file}' holds the official {found}, not {image_size}px; pass --image-size "
-                                      f"{config['image_size']} or another checkpoint")
-    state = convert_epg(sd) if kind == "epg" else convert_rcm(sd)
-    return kind, config, state
-
-
 def official_sampling(config):
-    """The official sampler's behaviour for the EPG checkpoint described by `config` (see OFFICIAL_SAMPLING).
-
-    stage and cfg_scale are looked up among the released generators (the weights alone do not say whether a model
-    is a diffusion or a consistency model); cfg_scale None means the official scale is unknown or unused.
-    """
-    if config["kind"] != "epg":
-        raise OfficialCheckpointError("an official RCM checkpoint is an encoder: fine-tune it (--init) before "
-                                      "sampling")
+    """(stage, normalize, sampling) of the official sampler for the EPG described by `config` (see OFFICIAL_SAMPLING).
+    The stage and guidance scale are looked up among the released generators (the weights alone do not say whether a
+    model is a diffusion or a consistency model); cfg_scale is left out where the official scale is unknown or
+    unused (unconditional model)."""
     stage, cfg_scale = RELEASED_GENERATORS.get((config["model"], config["image_size"]), ("diffusion", None))
     conditional = config["num_classes"] > 0
-    return {**OFFICIAL_SAMPLING,
-            "normalize": "imagenet" if conditional else "simple",
-            "null_class": config["num_classes"],
-            "stage": stage,
-            "sampler": "heun" if stage == "diffusion" else "onestep",
-            "steps": 32 if stage == "diffusion" else 1,
-            "cfg_scale": cfg_scale if conditional else None}
+    sampling = dict(OFFICIAL_SAMPLING[stage])
+    if cfg_scale is not None and conditional:
+        sampling["cfg_scale"] = cfg_scale
+    return stage, "imagenet" if conditional else "simple", sampling
+
+
+def official_checkpoint(path, weights=None):
+    """One of our checkpoints (the dict described in the module docstring) from a released folder or .pth file.
+    weights: "ema" | "online" | None (the official scripts' choice: EMA for an EPG, online for an RCM)."""
+    if weights not in (None, *CHECKPOINT_FILES):
+        raise OfficialCheckpointError(f"unknown weights {weights!r}; choose one of {', '.join(CHECKPOINT_FILES)}")
+    file = _checkpoint_file(path, weights or "ema")
+    config, state = convert_state_dict(_read_state_dict(file))
+    if weights is None and config["kind"] == "rcm" and _checkpoint_file(path, "online") != file:
+        file = _checkpoint_file(path, "online")
+        config, state = convert_state_dict(_read_state_dict(file))
+    ours = {"model": config["model"], "image_size": config["image_size"], "patch_size": config["patch_size"],
+            "converted_from": file}
+    if config["kind"] == "rcm":
+        ours.update(proj_dim=config["proj_dim"], normalize="imagenet")
+        return {"stage": "pretrain", "config": ours, "step": 0, "model": state}
+    stage, normalize, sampling = official_sampling(config)
+    ours.update(num_classes=config["num_classes"], normalize=normalize, sampling=sampling)
+    return {"stage": stage, "config": ours, "step": 0, "model": state, "ema": state}
+
+
+def convert(src, out, weights=None):
+    """Write official_checkpoint(src, weights) to `out` atomically (a temporary file in the same folder, then a
+    rename: a kill leaves no half-written `out`). An existing `out` is never overwritten. Returns the checkpoint."""
+    if os.path.exists(out):
+        raise OfficialCheckpointError(f"'{out}' already exists; remove it or choose another output file")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise OfficialCheckpointError(f"output folder '{folder}' does not exist")
+    checkpoint = official_checkpoint(src, weights)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OfficialCheckpointError(f"could not write '{out}' ({e.strerror}); free disk space or choose another "
+                                      f"output file") from None
+    return checkpoint
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Convert the authors' released EPG / RCM checkpoints into checkpoints of this project.",
+        epilog="examples:\n"
+               "  python official.py convert EPG-XL-256/ epg_xl.pt     # then: sample.py --ckpt epg_xl.pt\n"
+               "  python official.py convert RCM-B-256/ rcm_b.pt       # then: train_diffusion.py --init rcm_b.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="convert")
+    command = commands.add_parser("convert", help="write one of our checkpoints from a released folder or .pth file")
+    command.add_argument("src", metavar="SRC", help="a released folder (nnet_ema.pth / nnet.pth) or one .pth file")
+    command.add_argument("out", metavar="OUT.pt", help="the checkpoint to write (must not exist)")
+    command.add_argument("--weights", choices=tuple(CHECKPOINT_FILES), default=None,
+                         help="in a folder: nnet_ema.pth (ema) or nnet.pth (online); default: ema for an EPG, "
+                              "online for an RCM, as the official scripts")
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = convert(args.src, args.out, args.weights)
+    except OfficialCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cfg = checkpoint["config"]
+    kind = "RCM" if checkpoint["stage"] == "pretrain" else "EPG"
+    sampling = ", ".join(f"{k} {v}" for k, v in cfg.get("sampling", {}).items())
+    print(f"wrote {args.out}: {kind}-{cfg['model']}/{cfg['patch_size']} at {cfg['image_size']}px, stage "
+          f"{checkpoint['stage']}, normalize {cfg['normalize']}, from {cfg['converted_from']}"
+          + (f"; sampling defaults: {sampling}" if sampling else ""))
+
+
+if __name__ == "__main__":
+    main()

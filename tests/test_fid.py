@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from scipy import linalg
 
 import fid
 
@@ -200,6 +201,71 @@ def test_frechet_distance_rejects_mismatched_dimensions():
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
+def raw_sqrtm_fails(matrix):
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        root = linalg.sqrtm(matrix)
+        return not np.isfinite(root).all() or np.linalg.norm(root @ root - matrix) > 1e-3 * np.linalg.norm(matrix)
+
+
+# Rank-1 covariances S1 = u u^T (features that vary along one direction) with full-rank S2: S1 S2 has the single
+# non-zero eigenvalue u^T S2 u, so Tr (S1 S2)^(1/2) = sqrt(u^T S2 u). scipy's sqrtm fails on both products: NaN for
+# the first (pytorch-fid retries too), a finite non-root with imaginary parts ~1e8 for the second (pytorch-fid's
+# finiteness test misses it and it raises "Imaginary component").
+SINGULAR_CASES = [
+    ([2, 0, -1], [[5, -2, 4], [-2, 8, 2], [4, 2, 5]], True),
+    ([2, -2, 1, 1, 2], [[9, -6, 4, -7, 3], [-6, 12, 2, 6, -8], [4, 2, 10, -6, -2], [-7, 6, -6, 13, -5],
+                        [3, -8, -2, -5, 6]], False),
+]
+
+
+@pytest.mark.parametrize("u,sigma2,pytorch_fid_retries", SINGULAR_CASES)
+def test_frechet_distance_of_a_singular_product_retries_with_eps(u, sigma2, pytorch_fid_retries):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    u, sigma2 = np.array(u, np.float64), np.array(sigma2, np.float64)
+    sigma1 = np.outer(u, u)
+    assert raw_sqrtm_fails(sigma1 @ sigma2)                            # the problem is real
+    mu1, mu2 = np.zeros(len(u)), np.ones(len(u))
+    expected = len(u) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(u @ sigma2 @ u)
+    with pytest.warns(UserWarning, match="singular product"):
+        value = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert value == pytest.approx(expected, rel=1e-3)                 # eps = 1e-6 moves it by O(sqrt(eps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if pytorch_fid_retries:
+            assert value == pytest.approx(calculate_frechet_distance(mu1, sigma1, mu2, sigma2), rel=1e-12)
+        else:
+            with pytest.raises(ValueError, match="Imaginary component"):
+                calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def test_frechet_distance_drops_a_negligible_imaginary_part_like_pytorch_fid():
+    # fewer images than dimensions: singular covariances, and sqrtm returns a complex root with ~1e-8 imaginary parts
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(10)
+    stats_x = fid.gaussian_statistics(rng.normal(size=(10, 64)))
+    stats_y = fid.gaussian_statistics(rng.normal(size=(10, 64)) + 0.1)
+    assert np.iscomplexobj(linalg.sqrtm(stats_x[1] @ stats_y[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                 # no retry, no ComplexWarning
+        value = fid.frechet_distance(*stats_x, *stats_y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert type(value) is float and value == pytest.approx(calculate_frechet_distance(*stats_x, *stats_y),
+                                                               rel=1e-9)
+
+
+def test_frechet_distance_of_non_psd_or_nan_statistics_is_a_one_line_error(tmp_path, capsys):
+    # a "covariance" with a negative eigenvalue has an imaginary square root: no Frechet distance exists
+    sigma = np.diag([1.0, -1.0, 2.0])
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(3), sigma=sigma)
+    np.savez(tmp_path / "good.npz", mu=np.zeros(3), sigma=np.eye(3))
+    message = cli_error([tmp_path / "bad.npz", tmp_path / "good.npz"], capsys)      # no Inception weights needed
+    assert "imaginary component 1 " in message and "not positive semi-definite" in message
+    with pytest.raises(fid.MetricsError, match="NaN"):
+        fid.frechet_distance(np.full(3, np.nan), np.eye(3), np.zeros(3), np.eye(3))
+
+
 def test_inception_score_closed_forms():
     assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)           # uniform p(y|x)
     classes = 7                                                                        # one-hot, spread evenly
@@ -253,14 +319,13 @@ def test_precision_recall_identical_and_far_apart():
 @pytest.mark.parametrize("compressed", [False, True])
 def test_sample_npz_round_trip(tmp_path, compressed):
     images = np.random.default_rng(4).integers(0, 256, (7, 12, 10, 3), dtype=np.uint8)
-    labels = np.arange(7) % 3
     path = tmp_path / "samples.npz"
-    (np.savez_compressed if compressed else np.savez)(path, arr_0=images, arr_1=labels)
+    (np.savez_compressed if compressed else np.savez)(path, arr_0=images, arr_1=np.arange(7) % 3)
     source = fid.open_input(path)
-    assert len(source.images) == 7 and source.images.image_shape == (12, 10, 3)
+    assert len(source.images) == 7 and source.image_size == (12, 10)
     assert np.array_equal(source.images.read(2, 6), images[2:6])
     assert np.array_equal(source.images.read(5, 100), images[5:])
-    assert np.array_equal(source.labels, labels) and source.stats == {}
+    assert source.stats == {}
 
 
 def test_statistics_round_trip(tmp_path):
@@ -269,9 +334,9 @@ def test_statistics_round_trip(tmp_path):
     stats = {"mu": pool.mean(0).astype(np.float64), "sigma": np.cov(pool, rowvar=False),
              "mu_s": rng.normal(size=2023), "sigma_s": np.eye(2023), "pool_features": pool,
              "logits": rng.normal(size=(20, 1008)).astype(np.float32)}
-    fid.save_statistics(tmp_path / "stats.npz", stats, "tf")
+    fid.save_statistics(tmp_path / "stats.npz", stats, "tf", (64, 48))
     source = fid.open_input(tmp_path / "stats.npz")
-    assert source.images is None and source.resize == "tf"
+    assert source.images is None and source.resize == "tf" and source.image_size == (64, 48)
     assert set(source.stats) == set(stats)
     for key, value in stats.items():
         assert np.array_equal(source.stats[key], value), key
@@ -390,12 +455,43 @@ def test_wrong_state_dict_is_rejected(tmp_path):
         fid.load_inception(path)
 
 
+def cli_error(argv, capsys):
+    """fid.main(argv) must exit with code 2 and one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
 def test_bad_sample_file_exits_2_with_message(tmp_path, capsys):
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(SystemExit) as exit_info:
-        fid.main([str(tmp_path / "float.npz"), "--embedded"])
-    assert exit_info.value.code == 2
-    assert "must be uint8 images of shape (N, H, W, 3)" in capsys.readouterr().err
+    assert "must be uint8 images of shape (N, H, W, 3)" in cli_error([tmp_path / "float.npz", "--save-stats",
+                                                                      tmp_path / "out.npz"], capsys)
+
+
+def test_embedded_mode_points_to_data_py(tmp_path, capsys):
+    assert "python data.py score SAMPLES.npz" in cli_error([tmp_path / "samples.npz", "--embedded"], capsys)
+
+
+def test_empty_npz_files_exit_2_with_one_line(tmp_path, tiny_npz, capsys):
+    (tmp_path / "zero_bytes.npz").write_bytes(b"")                     # e.g. a sampler killed before writing
+    np.savez(tmp_path / "no_images.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    assert "cannot read" in cli_error([tmp_path / "zero_bytes.npz", tiny_npz], capsys)
+    assert "holds no images" in cli_error([tmp_path / "no_images.npz", "--save-stats", tmp_path / "s.npz"], capsys)
+    assert "holds no images" in cli_error([tiny_npz, tmp_path / "no_images.npz"], capsys)
+
+
+def test_inputs_of_two_resolutions_are_refused(tmp_path, tiny_npz, capsys):
+    # Inception resizes both to 299x299 and would report a number; the check comes before the weights are needed
+    np.savez(tmp_path / "wide.npz", arr_0=np.zeros((4, 8, 12, 3), np.uint8))
+    message = cli_error([tiny_npz, tmp_path / "wide.npz"], capsys)
+    assert "8x8" in message and "12x8" in message
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
+    fid.save_statistics(tmp_path / "stats.npz", stats, "tf", (16, 16))  # a statistics file remembers its size
+    message = cli_error([tiny_npz, tmp_path / "stats.npz"], capsys)
+    assert "8x8" in message and "16x16" in message
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
-"""official.py: the authors' released state dicts load into our models and compute what the official model computes.
+"""official.py: the authors' released state dicts convert into checkpoints of ours that compute what the official
+model computes.
 
 No released weights exist here, so the tests build state dicts in the official layout themselves, from the official
 module names written down below (RCMViT / EPGViT of the official `rcm/vit.py`), and check:
   * conversion uses every official tensor exactly once and fills every one of ours (tiny and full-size layouts);
   * our forward equals a forward re-derived here in plain tensor algebra from the official tensors, by official name
-    (patchify, encoder block, decoder block with skip and adaLN, head, unpatchify, projector with eval BatchNorm);
-  * a missing, extra or wrong-shaped tensor gives a one-line OfficialCheckpointError naming it;
+    (patchify, encoder block, decoder block with skip and adaLN, head, unpatchify, projector with eval BatchNorm),
+    also for the model rebuilt from a file written by `python official.py convert` and read with weights_only=True;
+  * a missing, extra or wrong-shaped tensor, or an unusable path, gives one line (OfficialCheckpointError, exit 2);
   * the sizes inferred for the released models, and their parameter counts against the paper's Tables 7 and 8;
   * the official time input 250 ln(sigma + 1e-44) equals ours bit for bit on the sampler grids.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ import data
 import losses
 import models
 import official
+import trainlib
 
 # Two tiny configurations registered for the tests, like B (RCM-B) and XL (same encoder, wider decoder) in the paper:
 # "TW" has a decoder wider than its encoder, so the width bridge (encoder_to_decoder) is exercised; "TR" mirrors the
@@ -257,10 +261,9 @@ def _inputs(image, batch=3, num_classes=10, seed=1):
 # ----------------------------------------------------------------------------------------------------------------
 def test_epg_conversion_uses_every_tensor_once_and_matches_the_official_forward(tiny_config):
     sd = tiny_epg()
-    config = official.infer_official_config(sd)
+    config, state = official.convert_state_dict(sd)
     assert (config["kind"], config["model"], config["image_size"], config["patch_size"], config["num_classes"]) == \
         ("epg", "TW", TINY_IMAGE, TINY_PATCH, 10)
-    state = official.convert_epg(sd)
     assert len(state) == len(sd)
     assert {id(v) for v in state.values()} == {id(v) for v in sd.values()}   # each official tensor exactly once
     model = official.build_model(config).eval()
@@ -280,10 +283,10 @@ def test_equal_width_epg_matches_the_official_forward(tiny_config):
     sd = official_epg(TINY_RCM["depth"], TINY_RCM["enc_dim"], TINY_RCM["dec_dim"], TINY_PATCH, TINY_IMAGE, 10,
                       torch.Generator().manual_seed(3))
     assert not any(k.startswith("encoder_to_decoder") for k in sd)
-    config = official.infer_official_config(sd)
+    config, state = official.convert_state_dict(sd)
     assert config["model"] == "TR"
     model = official.build_model(config).eval()
-    model.load_state_dict(official.convert_epg(sd), strict=True)
+    model.load_state_dict(state, strict=True)
     x, c_noise, y = _inputs(TINY_IMAGE)
     with torch.no_grad():
         ours = model(x, c_noise, y)
@@ -294,17 +297,16 @@ def test_equal_width_epg_matches_the_official_forward(tiny_config):
 def test_model_t_layout_is_recognised():
     cfg = models.model_config("T")
     sd = official_epg(cfg["depth"], cfg["enc_dim"], cfg["dec_dim"], 4, 32, 10, torch.Generator().manual_seed(3))
-    config = official.infer_official_config(sd)
+    config, state = official.convert_state_dict(sd)
     assert (config["model"], config["image_size"], config["patch_size"]) == ("T", 32, 4)
-    official.build_model(config).load_state_dict(official.convert_epg(sd), strict=True)
+    official.build_model(config).load_state_dict(state, strict=True)
 
 
 def test_unconditional_official_epg_converts_with_a_zero_null_row(tiny_config):
     """The first-release consistency layout has no class table (the official forward adds no class embedding)."""
     sd = tiny_epg(num_classes=None)
-    config = official.infer_official_config(sd)
+    config, state = official.convert_state_dict(sd)
     assert config["num_classes"] == 0
-    state = official.convert_epg(sd)
     assert torch.equal(state["class_embed.weight"], torch.zeros(1, TINY["enc_dim"]))
     model = official.build_model(config).eval()
     model.load_state_dict(state, strict=True)
@@ -314,16 +316,14 @@ def test_unconditional_official_epg_converts_with_a_zero_null_row(tiny_config):
         ours = model(x, c_noise, y)
     torch.testing.assert_close(ours.double(), ref_epg_forward(x, c_noise, y, sd, TINY["enc_heads"], TINY["dec_heads"]),
                                rtol=1e-4, atol=1e-4)
-    sampling = official.official_sampling(config)
-    assert (sampling["normalize"], sampling["null_class"], sampling["cfg_scale"]) == ("simple", 0, None)
+    stage, normalize, sampling = official.official_sampling(config)
+    assert normalize == "simple" and "cfg_scale" not in sampling
 
 
 def test_rcm_conversion_matches_the_official_forward(tiny_config):
     sd = tiny_rcm()
-    config = official.infer_official_config(sd)
+    config, state = official.convert_state_dict(sd)
     assert (config["kind"], config["model"], config["proj_dim"], config["num_classes"]) == ("rcm", "TR", 16, None)
-    assert config["encoder_of"] == ["TR", "TW"]                                # RCM-TR initialises EPG-TR and EPG-TW
-    state = official.convert_rcm(sd)
     assert len(state) == len(sd) and {id(v) for v in state.values()} == {id(v) for v in sd.values()}
     model = official.build_model(config).eval()
     model.load_state_dict(state, strict=True)
@@ -363,10 +363,9 @@ def test_released_epg_layouts_convert_one_to_one(name, depth, enc_dim, dec_dim, 
     sd = official_epg(depth, enc_dim, dec_dim, patch, image, num_classes=1000, device="meta")
     if paper_m is not None:
         assert abs(_parameters_millions(sd) - paper_m) < 1.0                  # Table 7 (class table of 1001 rows)
-    config = official.infer_official_config(sd)
+    config, state = official.convert_state_dict(sd)
     assert (config["kind"], config["model"], config["image_size"], config["patch_size"], config["num_classes"]) == \
         ("epg", name, image, patch, 1000)
-    state = official.convert_epg(sd)
     assert len(state) == len(sd)
     _assert_same_layout(state, models.build_on_meta("epg", name, image, 1000))
 
@@ -376,11 +375,8 @@ def test_released_rcm_layouts_convert_one_to_one(name, depth, dim, patch, image,
     sd = official_rcm(depth, dim, patch, image, 4096, out, device="meta")
     if paper_m is not None:
         assert abs(_parameters_millions(sd) - paper_m) < 1.0                  # Table 8 (projector output 256)
-    config = official.infer_official_config(sd)
+    config, state = official.convert_state_dict(sd)
     assert (config["kind"], config["model"], config["image_size"], config["proj_dim"]) == ("rcm", name, image, out)
-    if name == "B":
-        assert set(config["encoder_of"]) == {"B", "XL", "XXL", "G"}           # RCM-B initialises XL, XXL, G
-    state = official.convert_rcm(sd)
     assert len(state) == len(sd)
     with torch.device("meta"):
         _assert_same_layout(state, models.build_rcm(name, image, out))
@@ -389,9 +385,9 @@ def test_released_rcm_layouts_convert_one_to_one(name, depth, dim, patch, image,
 # ----------------------------------------------------------------------------------------------------------------
 # Bad state dicts: one-line messages naming the tensors
 # ----------------------------------------------------------------------------------------------------------------
-def _conversion_error(sd, convert=official.convert_epg):
+def _conversion_error(sd):
     with pytest.raises(official.OfficialCheckpointError) as info:
-        convert(sd)
+        official.convert_state_dict(sd)
     message = str(info.value)
     assert isinstance(info.value, ValueError) and "\n" not in message
     return message
@@ -421,14 +417,12 @@ def test_wrong_shaped_tensor_is_named_with_both_shapes(tiny_config):
     assert "missing" not in message and "unexpected" not in message
 
 
-def test_unknown_sizes_and_wrong_kind_are_refused(tiny_config):
+def test_unknown_sizes_and_foreign_state_dicts_are_refused(tiny_config):
     odd = official_epg(2, 40, 40, 4, 16, 10, torch.Generator().manual_seed(0))   # width 40: no configuration
     assert "matches none of our model configurations" in _conversion_error(odd)
     uneven = tiny_epg()
     uneven = {k: v for k, v in uneven.items() if not k.startswith("decoder_blocks.1.")}   # decoder shallower
     assert "matches none" in _conversion_error(uneven)
-    assert "use convert_epg" in _conversion_error(tiny_epg(), convert=official.convert_rcm)
-    assert "use convert_rcm" in _conversion_error(tiny_rcm(), convert=official.convert_epg)
     ours = official.build_model(official.infer_official_config(tiny_epg())).state_dict()
     assert not official.is_official_state_dict(ours)
     assert not official.is_official_state_dict({"stage": "diffusion", "config": {}, "model": ours})
@@ -440,63 +434,120 @@ def test_unknown_sizes_and_wrong_kind_are_refused(tiny_config):
 # ----------------------------------------------------------------------------------------------------------------
 def test_rcm_saved_without_projector_converts_to_its_encoder(tiny_config):
     sd = {k: v for k, v in tiny_rcm().items() if not k.startswith("projection_head.")}
-    config = official.infer_official_config(sd)
+    config, state = official.convert_state_dict(sd)
     assert (config["kind"], config["model"], config["proj_dim"]) == ("rcm", "TR", None)
-    state = official.convert_rcm(sd)
     assert len(state) == len(sd) and all(k.startswith("encoder.") for k in state)
     models.load_encoder_from_rcm(models.build_epg("TW", TINY_IMAGE, 10), state)
 
 
-def test_folder_picks_ema_for_sampling_and_online_for_init(tiny_config, tmp_path):
+def convert_cli(*args):
+    """`python official.py convert ARGS` in process; returns the checkpoint file read back with weights_only=True."""
+    official.main(["convert", *map(str, args)])
+    return torch.load(args[1], map_location="cpu", weights_only=True)
+
+
+def test_convert_writes_an_epg_checkpoint_that_computes_the_official_forward(tiny_config, tmp_path, capsys):
     online = tiny_epg(seed=0)
-    ema = {**online, "out.bias": online["out.bias"] + 1.0}
+    ema = tiny_epg(seed=1)
     torch.save(online, tmp_path / "nnet.pth")
     torch.save({f"module.{k}": v for k, v in ema.items()}, tmp_path / "nnet_ema.pth")   # a DDP-prefixed save
-    assert official.is_official_checkpoint(str(tmp_path))
+    ckpt = convert_cli(tmp_path, tmp_path / "epg.pt")
+    assert "wrote" in capsys.readouterr().out
+    assert set(ckpt) == {"stage", "config", "step", "model", "ema"} and (ckpt["stage"], ckpt["step"]) == ("diffusion", 0)
+    assert ckpt["config"] == {"model": "TW", "image_size": TINY_IMAGE, "patch_size": TINY_PATCH, "num_classes": 10,
+                              "normalize": "imagenet", "converted_from": str(tmp_path / "nnet_ema.pth"),
+                              "sampling": official.OFFICIAL_SAMPLING["diffusion"]}
+    assert trainlib.load_checkpoint(str(tmp_path / "epg.pt"), ("diffusion", "consistency"))["stage"] == "diffusion"
+    # rebuilt from the file alone, it computes the official forward of the EMA weights (by official names)
+    cfg = ckpt["config"]
+    model = models.build_epg(cfg["model"], cfg["image_size"], cfg["num_classes"]).eval()
+    model.load_state_dict(ckpt["ema"], strict=True)
+    x, c_noise, y = _inputs(TINY_IMAGE)
+    with torch.no_grad():
+        ours = model(x, c_noise, y)
+    torch.testing.assert_close(ours.double(), ref_epg_forward(x, c_noise, y, ema, TINY["enc_heads"], TINY["dec_heads"]),
+                               rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in ckpt["ema"].items())      # the chosen weights, once
+    one_copy = sum(v.numel() * v.element_size() for v in ema.values())
+    assert os.path.getsize(tmp_path / "epg.pt") < 1.5 * one_copy
 
-    kind, config, state = official.load_official(str(tmp_path))
-    assert kind == "epg" and config["file"].endswith("nnet_ema.pth")
-    assert torch.equal(state["out.bias"], ema["out.bias"])
-    kind, config, state = official.load_official(str(tmp_path), prefer="online", model="TW", image_size=16)
-    assert config["file"].endswith("nnet.pth") and torch.equal(state["out.bias"], online["out.bias"])
-    official.build_model(config).load_state_dict(state, strict=True)
-
-    (tmp_path / "nnet_ema.pth").unlink()                                       # no EMA file: fall back to nnet.pth
-    assert official.load_official(str(tmp_path))[1]["file"].endswith("nnet.pth")
-    with pytest.raises(official.OfficialCheckpointError, match="--model TW"):
-        official.load_official(str(tmp_path), model="TR")
-    with pytest.raises(official.OfficialCheckpointError, match="--image-size 16"):
-        official.load_official(str(tmp_path), image_size=32)
-
-
-def test_rcm_file_fits_every_model_with_its_encoder(tiny_config, tmp_path):
-    path = tmp_path / "nnet.pth"
-    torch.save(tiny_rcm(), path)
-    kind, config, state = official.load_official(str(path), prefer="online", model="TW")
-    assert (kind, config["model"]) == ("rcm", "TR")
-    epg = models.build_epg("TW", TINY_IMAGE, 10)
-    transferred = models.load_encoder_from_rcm(epg, state)                    # the --init path of fine-tuning
-    assert len(transferred) == sum(not k.startswith("projection_head.") for k in tiny_rcm())
-    with pytest.raises(official.OfficialCheckpointError, match="does not fit model T;"):
-        official.load_official(str(path), model="T")
+    ckpt = convert_cli(tmp_path, tmp_path / "online.pt", "--weights", "online")
+    assert ckpt["config"]["converted_from"] == str(tmp_path / "nnet.pth")
+    assert torch.equal(ckpt["ema"]["out.bias"], online["out.bias"])
 
 
-def test_unusable_paths_give_one_line_errors(tmp_path):
-    cases = {}
-    cases["does not exist"] = str(tmp_path / "absent")
+def test_convert_writes_an_rcm_checkpoint_for_init(tiny_config, tmp_path):
+    online = tiny_rcm(seed=0)
+    torch.save(online, tmp_path / "nnet.pth")
+    torch.save(tiny_rcm(seed=1), tmp_path / "nnet_ema.pth")
+    ckpt = convert_cli(tmp_path, tmp_path / "rcm.pt")          # an RCM folder: nnet.pth, as the official fine-tuning
+    assert set(ckpt) == {"stage", "config", "step", "model"} and (ckpt["stage"], ckpt["step"]) == ("pretrain", 0)
+    assert ckpt["config"] == {"model": "TR", "image_size": TINY_IMAGE, "patch_size": TINY_PATCH, "proj_dim": 16,
+                              "normalize": "imagenet", "converted_from": str(tmp_path / "nnet.pth")}
+    trainlib.load_checkpoint(str(tmp_path / "rcm.pt"), "pretrain")
+    rcm = models.build_rcm("TR", TINY_IMAGE, 16).eval()
+    rcm.load_state_dict(ckpt["model"], strict=True)
+    x, c_noise, _ = _inputs(TINY_IMAGE)
+    with torch.no_grad():
+        projection, _ = rcm(x, c_noise)
+    torch.testing.assert_close(projection.double(), ref_rcm_forward(x, c_noise, online, TINY["enc_heads"])[0],
+                               rtol=1e-4, atol=1e-4)
+    transferred = models.load_encoder_from_rcm(models.build_epg("TW", TINY_IMAGE, 10), ckpt["model"])   # --init
+    assert len(transferred) == sum(not k.startswith("projection_head.") for k in online)
+
+
+def test_convert_errors_are_one_line_with_exit_2(tiny_config, tmp_path, capsys, monkeypatch):
+    def error(src, out):
+        with pytest.raises(SystemExit) as exit_info:
+            official.main(["convert", str(src), str(out)])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+        return err
+
+    torch.save(tiny_epg(), tmp_path / "nnet_ema.pth")
     (tmp_path / "empty").mkdir()
-    cases["neither nnet_ema.pth nor nnet.pth"] = str(tmp_path / "empty")
     (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
-    cases["unreadable or corrupt"] = str(tmp_path / "corrupt.pth")
-    torch.save({"stage": "diffusion", "config": {}, "model": {"encoder.pos_embed": torch.zeros(1)}},
-               tmp_path / "ours.pt")
-    cases["not an official"] = str(tmp_path / "ours.pt")
-    for expected, path in cases.items():
-        with pytest.raises(official.OfficialCheckpointError) as info:
-            official.load_official(path)
-        assert expected in str(info.value) and "\n" not in str(info.value)
-    assert not official.is_official_checkpoint(str(tmp_path / "ours.pt"))
-    assert not official.is_official_checkpoint(str(tmp_path / "corrupt.pth"))
+    torch.save({"stage": "diffusion", "config": {}, "model": {"encoder.pos_embed": torch.zeros(1)}}, tmp_path / "ours.pt")
+    incomplete = tiny_epg()
+    del incomplete["decoder_blocks.1.skip_norm.weight"]
+    torch.save(incomplete, tmp_path / "incomplete.pth")
+    (tmp_path / "exists.pt").write_bytes(b"keep me")
+    out = tmp_path / "out.pt"
+    assert "does not exist" in error(tmp_path / "absent", out)
+    assert "neither nnet_ema.pth nor nnet.pth" in error(tmp_path / "empty", out)
+    assert "unreadable or corrupt" in error(tmp_path / "corrupt.pth", out)
+    assert "not an official" in error(tmp_path / "ours.pt", out)
+    assert "1 missing [decoder_blocks.1.skip_norm.weight]" in error(tmp_path / "incomplete.pth", out)
+    assert "already exists" in error(tmp_path, tmp_path / "exists.pt")
+    assert "does not exist" in error(tmp_path, tmp_path / "no" / "out.pt")
+
+    def save_until_the_disk_is_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(official.torch, "save", save_until_the_disk_is_full)
+    assert "could not write" in error(tmp_path, out)
+    assert (tmp_path / "exists.pt").read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["corrupt.pth", "empty", "exists.pt", "incomplete.pth", "nnet_ema.pth",
+                                            "ours.pt"]               # nothing written, no temporary file left
+
+
+def test_convert_killed_while_writing_leaves_no_output(tmp_path):
+    import subprocess
+    import sys
+    cfg = models.model_config("T")                            # a registered size: the child process sees no TW
+    torch.save(official_epg(cfg["depth"], cfg["enc_dim"], cfg["dec_dim"], 4, 32, 10, torch.Generator().manual_seed(0)),
+               tmp_path / "nnet_ema.pth")
+    killed_mid_write = ("import os, sys, official\n"
+                        "def save(obj, f):\n"
+                        "    f.write(b'partial'); f.flush(); os._exit(9)\n"           # no cleanup runs, as SIGKILL
+                        "official.torch.save = save\n"
+                        "official.main(['convert', sys.argv[1], sys.argv[2]])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", killed_mid_write, str(tmp_path), str(tmp_path / "out.pt")],
+                            cwd=root, env={**os.environ, "PYTHONPATH": root}, capture_output=True, timeout=120)
+    assert result.returncode == 9
+    assert not (tmp_path / "out.pt").exists()                 # only a temporary file is left
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,60 +583,23 @@ def test_guidance_interval_recovered_from_the_time_input_matches_the_sigma_test(
 
 
 def test_official_sampling_defaults():
+    import sample
     xl = dict(kind="epg", model="XL", image_size=256, num_classes=1000)
-    defaults = official.official_sampling(xl)
-    assert (defaults["normalize"], defaults["clamp"], defaults["null_class"]) == ("imagenet", "official", 1000)
-    assert (defaults["stage"], defaults["sampler"], defaults["steps"], defaults["cfg_scale"]) == \
-        ("diffusion", "heun", 32, 2.5)
-    assert official.official_sampling(dict(xl, model="L", image_size=512))["cfg_scale"] == 3.2
-    cm = official.official_sampling(dict(xl, model="L"))
-    assert (cm["stage"], cm["sampler"], cm["steps"]) == ("consistency", "onestep", 1)
-    with pytest.raises(official.OfficialCheckpointError, match="fine-tune"):
-        official.official_sampling(dict(kind="rcm", model="B", image_size=256, num_classes=None))
+    stage, normalize, sampling = official.official_sampling(xl)
+    assert (stage, normalize) == ("diffusion", "imagenet")
+    assert sampling == dict(clamp="official", sampler="heun", steps=32, cfg_interval=(0.19, 1.61), cfg_scale=2.5)
+    assert official.official_sampling(dict(xl, model="L", image_size=512))[2]["cfg_scale"] == 3.2
+    assert "cfg_scale" not in official.official_sampling(dict(xl, model="XXL"))[2]     # not published
+    stage, _, sampling = official.official_sampling(dict(xl, model="L"))
+    assert (stage, sampling) == ("consistency", dict(clamp="official", sampler="consistency", steps=1))
+    # config["sampling"] holds defaults for sample.py's arguments, by their names, with values its parser accepts
+    for s in official.OFFICIAL_SAMPLING.values():
+        argv = ["--ckpt", "x.pt", "--clamp", s["clamp"], "--sampler", s["sampler"], "--steps", str(s["steps"]),
+                "--cfg-scale", "2.5", "--cfg-interval", *map(str, s.get("cfg_interval", (0.19, 1.61)))]
+        args = vars(sample.parse_args(argv))
+        assert all(args[k] == (list(v) if isinstance(v, tuple) else v) for k, v in s.items())
     # "imagenet" is the official std="imagenet" normalisation: ImageNet mean and twice the ImageNet std
     x = torch.rand(2, 3, 4, 4)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229 * 2, 0.224 * 2, 0.225 * 2]).view(3, 1, 1)
     torch.testing.assert_close(data.normalize(x, "imagenet"), (x - mean) / std)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The readers of the project accept official checkpoints (sample.py --ckpt, --init of the training scripts)
-# ----------------------------------------------------------------------------------------------------------------
-def test_sample_py_reads_an_official_folder_with_official_defaults(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    import numpy as np
-    cfg = models.model_config("T")
-    folder = tmp_path / "EPG-T"
-    folder.mkdir()
-    sd = official_epg(cfg["depth"], cfg["enc_dim"], cfg["dec_dim"], 4, 32, 10, torch.Generator().manual_seed(5))
-    torch.save(sd, folder / "nnet_ema.pth")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "samples"
-    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(folder), "--num-samples", "3", "--steps", "3",
-                             "--out", str(out), "--no-progress", "--device", "cpu"], cwd=root, capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "normalize imagenet, clamp official" in result.stdout
-    arr = np.load(out / "samples.npz")["arr_0"]
-    assert arr.shape == (3, 32, 32, 3) and arr.dtype == np.uint8
-
-
-def test_init_from_an_official_rcm_transfers_the_encoder(tmp_path):
-    import argparse
-
-    import trainlib
-    cfg = models.model_config("T")
-    sd = official_rcm(cfg["depth"], cfg["enc_dim"], 4, 32, cfg["proj_hidden"], cfg["proj_dim"],
-                      torch.Generator().manual_seed(6))
-    path = tmp_path / "nnet.pth"
-    torch.save(sd, path)
-    args = argparse.Namespace(model="T", image_size=32, seed=0, from_scratch=False, init=str(path))
-    model = trainlib.build_finetune_model(args, num_classes=10, log=lambda *a: None)
-    ours = official.convert_rcm(sd)
-    for key, value in model.state_dict().items():
-        if key.startswith("encoder."):
-            assert torch.equal(value, ours[key]), key
