@@ -21,6 +21,7 @@ before every clock reading.
     python bench.py ... --record                                                    # append rows to BENCHMARKS.md
 """
 import argparse
+import copy
 import datetime
 import subprocess
 import time
@@ -29,10 +30,6 @@ import torch
 
 import losses
 import models
-import pretrain
-import sample
-import train_consistency
-import train_diffusion
 import trainlib
 
 
@@ -66,32 +63,29 @@ def forward_flops(model, image_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One step of each stage (synthetic batch of b images)
+# One step of each stage (synthetic batch of b images), through the objectives of losses.py
 # ----------------------------------------------------------------------------------------------------------------
+def _images(args, device, n):
+    return (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device) for _ in range(n))
+
+
 def pretrain_stage(args, device):
     rcm = models.build_rcm(args.model, args.image_size).to(device)
-    momentum = models.build_rcm(args.model, args.image_size).to(device)
-    momentum.load_state_dict(rcm.state_dict())
-    momentum.requires_grad_(False)
-    online = trainlib.maybe_compile(pretrain.OnlineBranch(rcm), args, device)
+    momentum = copy.deepcopy(rcm).requires_grad_(False)
+    online = trainlib.compiled(models.RCMViews(rcm, with_rest=True), args, device)
+    momentum_fn = trainlib.compiled(models.RCMViews(momentum), args, device)
+    target_fn = trainlib.compiled(rcm.features, args, device)
     opt = trainlib.adamw(rcm, 1e-4, (0.9, 0.999), 0.03, device=device)
     b, s = args.batch_size, losses.resolution_shift(args.image_size)
-    x, y1, y2, e = (torch.randn(b, 3, args.image_size, args.image_size, device=device) for _ in range(4))
-    s0 = torch.full((b,), s * losses.SIGMA_MIN, device=device)
+    x, y1, y2, eps = _images(args, device, 4)
     s_n, s_next = (s * v for v in losses.rc_noise_pair(b, 641, device=device))
+    tau = torch.full((b,), 0.15, device=device)
 
     def step():
-        y1_t, y2_t = y1 + s0[:, None, None, None] * e, y2 + s0[:, None, None, None] * e
-        x_n, x_next = x + s_n[:, None, None, None] * e, x + s_next[:, None, None, None] * e
-        with torch.no_grad(), trainlib.autocast(device):
-            views_in, views_c = pretrain.precondition(torch.cat([y1_t, y2_t]), torch.cat([s0, s0]))
-            k1, k2 = (momentum.projector(h) for h in momentum.features(views_in, views_c).chunk(2))
-            h_next = rcm.features(*pretrain.precondition(x_next, s_next))
-        online_in, online_c = pretrain.precondition(torch.cat([y1_t, y2_t, x_n]), torch.cat([s0, s0, s_n]))
         with trainlib.autocast(device):
-            q1, q2, h_n = online(online_in, online_c)
-        loss = (losses.contrastive_loss(q1, q2, k1, k2) + losses.nt_xent(h_n, h_next, 0.1)).mean()
-        loss.backward()
+            keys = losses.rcm_keys(momentum_fn, target_fn, x, y1, y2, eps, s_next, s * losses.SIGMA_MIN)
+            ctr, rc = losses.rcm_loss(online, keys, x, y1, y2, eps, s_n, s * losses.SIGMA_MIN, tau, 0.2, first=0)
+        (ctr + rc).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         trainlib.ema_update(momentum, rcm, 0.99)
@@ -101,16 +95,17 @@ def pretrain_stage(args, device):
 
 def diffusion_stage(args, device):
     epg = models.build_epg(args.model, args.image_size, 1000).to(device)
-    ema = models.build_epg(args.model, args.image_size, 1000).to(device).requires_grad_(False)
-    net = trainlib.maybe_compile(epg, args, device)
+    ema = copy.deepcopy(epg).requires_grad_(False)
+    net = trainlib.compiled(epg, args, device)
     opt = trainlib.adamw(epg, 1e-4, (0.9, 0.999), 0.01, no_decay=("pos_embed", "cls_token"), device=device)
-    b, s = args.batch_size, losses.resolution_shift(args.image_size)
-    x0, eps = (torch.randn(b, 3, args.image_size, args.image_size, device=device) for _ in range(2))
-    y = torch.randint(0, 1001, (b,), device=device)
-    sigma, weight = (v.to(device) for v in losses.diffusion_noise(b))
+    x0, eps = _images(args, device, 2)
+    y = torch.randint(0, 1001, (args.batch_size,), device=device)
+    sigma, weight = (v.to(device) for v in losses.diffusion_noise(args.batch_size))
+    sigma = losses.resolution_shift(args.image_size) * sigma
 
     def step():
-        loss = train_diffusion.denoising_loss(net, x0, y, sigma, weight, eps, s, device)
+        with trainlib.autocast(device):
+            loss = losses.diffusion_loss(net, x0, y, sigma, weight, eps).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(epg.parameters(), 0.5)
         opt.step()
@@ -122,27 +117,24 @@ def diffusion_stage(args, device):
 
 def consistency_stage(args, device):
     epg = models.build_epg(args.model, args.image_size, 1000, decoder_dropout=0.5).to(device)
-    ema = models.build_epg(args.model, args.image_size, 1000).to(device).requires_grad_(False)
-    W = models.build_rcm(args.model, args.image_size).to(device).eval().requires_grad_(False)
-    net = trainlib.maybe_compile(epg, args, device)
+    ema = copy.deepcopy(epg).requires_grad_(False)
+    W = trainlib.compiled(models.build_rcm(args.model, args.image_size).to(device).eval().requires_grad_(False).features,
+                          args, device)
+    net = trainlib.compiled(epg, args, device)
     opt = trainlib.adamw(epg, 1e-4, (0.9, 0.99), 0.01, no_decay=("pos_embed", "cls_token"), device=device)
-    b, s = args.batch_size, losses.resolution_shift(args.image_size)
+    s = losses.resolution_shift(args.image_size)
     sigma_min = s * losses.SIGMA_MIN
-    x0, eps = (torch.randn(b, 3, args.image_size, args.image_size, device=device) for _ in range(2))
-    y = torch.randint(0, 1000, (b,), device=device)
-    t, r = (s * v.to(device) for v in losses.ct_time_pair(b, stage=3))
-    x_t, x_r = x0 + t[:, None, None, None] * eps, x0 + r[:, None, None, None] * eps
-    devices = train_consistency.rng_devices(device)
-
-    def f(x, sigma):
-        with trainlib.autocast(device):
-            return losses.consistency_function(net, x, sigma, y, sigma_min)
+    x0, eps = _images(args, device, 2)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    t, r = (s * v.to(device) for v in losses.ct_time_pair(args.batch_size, stage=3))
+    rng = [device.index or 0] if device.type == "cuda" else []
 
     def step():
-        loss, pred = train_consistency.consistency_loss(f, f, x_t, t, x_r, r, devices=devices)
         with trainlib.autocast(device):
-            aux = train_consistency.aux_loss(W, pred, x0, t, sigma_min, 0.1)
-        (loss + aux).mean().backward()
+            keys = losses.aux_keys(W, x0, sigma_min)
+            cm, pred = losses.consistency_loss(net, net, x0, y, t, r, eps, sigma_min, rng_devices=rng)
+            aux = losses.aux_loss(W, pred, keys, t, sigma_min, 0.1, "encoder", first=0)
+        (cm + aux).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         trainlib.ema_update(ema, epg, 0.9999)
@@ -153,22 +145,18 @@ def consistency_stage(args, device):
 
 
 def sampling_stage(args, device):
-    epg = models.build_epg(args.model, args.image_size, 1000).to(device).eval()
-    net = trainlib.maybe_compile(epg, args, device)
-    b, s = args.batch_size, losses.resolution_shift(args.image_size)
-    labels = torch.randint(0, 1000, (b,), device=device)
+    net = trainlib.compiled(models.build_epg(args.model, args.image_size, 1000).to(device).eval(), args, device)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     counter = {}
-    autocast = (lambda: trainlib.autocast(device))
-    denoiser = sample.guided_denoiser(net, labels, 1000, s, cfg_scale=2.5, counter=counter, autocast=autocast)
-    sigmas = sample.sampling_sigmas(32, args.image_size)
+    denoiser = losses.guided_denoiser(net, labels, 1000, losses.resolution_shift(args.image_size), cfg_scale=2.5,
+                                      counter=counter, autocast=lambda: trainlib.autocast(device))
+    sigmas = losses.sampling_sigmas(32, args.image_size)
 
-    @torch.no_grad()
     def step():
-        sample.heun_sample(denoiser, sigmas[0] * torch.randn(b, 3, args.image_size, args.image_size, device=device),
-                           sigmas)
+        losses.heun_sample(denoiser, sigmas[0] * next(_images(args, device, 1)), sigmas)
 
     step()                                   # count the network evaluations per image once
-    nfe = counter["forwards"] / b
+    nfe = counter["forwards"] / args.batch_size
     return step, nfe * forward_flops(models.build_epg(args.model, args.image_size, 1000), args.image_size)
 
 
@@ -199,7 +187,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="which stage to time")
     p.add_argument("--model", default="B", help="model size (T, S, B, L, XL, XXL, G)")
-    p.add_argument("--image-size", type=int, default=None, help="default 256 (32 for T)")
+    p.add_argument("--image-size", type=int, default=None, help="none: 256 (32 for T)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step on this device")
     p.add_argument("--iters", type=int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
@@ -208,7 +196,7 @@ def main():
                    help="torch.compile (default: on for CUDA)")
     p.add_argument("--record", action="store_true", help="append the results as rows of BENCHMARKS.md")
     args = p.parse_args()
-    trainlib.resolve_image_size(args)
+    args.image_size = args.image_size or (32 if args.model == "T" else 256)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -72,6 +72,23 @@ def to_uint8_hwc(x, mode="simple"):
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def save_grid(images, path, columns):
+    """Tile uint8 images (N, H, W, 3) into one PNG, `columns` per row, 2 px white gaps (torchvision's make_grid)."""
+    from torchvision.utils import make_grid
+    grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=columns, padding=2,
+                     pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def class_grid(images, labels, path, max_classes=10, per_class=10):
+    """One row per class (the first `max_classes` classes present), up to `per_class` images each, blanks white."""
+    rows = []
+    for label in sorted(set(labels.tolist()))[:max_classes]:
+        picked = list(np.flatnonzero(labels == label)[:per_class])
+        rows += [images[k] for k in picked] + [np.full(images.shape[1:], 255, np.uint8)] * (per_class - len(picked))
+    save_grid(np.stack(rows), path, per_class)
+
+
 def _mix_seed(*values):
     """Hash non-negative integers into one well-mixed 63-bit seed (NumPy's SeedSequence)."""
     words = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
@@ -351,6 +368,17 @@ def build_dataset(data_dir, image_size, split="train", seed=0, val_dir=None):
         return ImageFolder(data_dir / "val", image_size)
     raise DataError(f"no validation images for {data_dir}: pass a validation folder or use the layout "
                     f"{data_dir}/train/<class>/... + {data_dir}/val/<class>/...")
+
+
+def identity(dataset):
+    """What defines a data set for resume checks: its class names (or count) and image count, not its path."""
+    return {"classes": list(getattr(dataset, "classes", None) or range(dataset.num_classes)), "images": len(dataset)}
+
+
+def class_counts(dataset):
+    """Images per class of an image folder (a list), or None where classes are equally likely (embedded data)."""
+    labels = getattr(dataset, "_labels", None)
+    return None if labels is None else np.bincount(labels, minlength=dataset.num_classes).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -800,3 +828,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -1,4 +1,8 @@
-"""Noise schedules, preconditioning and losses of EPG as small pure functions.
+"""The mathematics of EPG: noise schedules, preconditioning, the four training objectives and the samplers.
+
+Each objective is one function that takes the networks and a batch and returns per-sample losses, as in EDM's
+training/loss.py: `rcm_loss` (eq. 8, pre-training), `diffusion_loss` (eq. 1), `consistency_loss` (eq. 4-5) and
+`aux_loss` (eq. 9). The samplers at the end integrate the same grids (Heun/Euler with interval CFG, consistency steps).
 
 Paper: Lei et al., arXiv 2510.12586, §2-3, eq. 1, 4-10, Tables 9-11. Conventions:
 
@@ -10,6 +14,7 @@ Paper: Lei et al., arXiv 2510.12586, §2-3, eq. 1, 4-10, Tables 9-11. Convention
   distribution and grid index, the diffusion weight 1/(t_n - t_{n-1}) and the temperature schedule tau(t); the
   consistency weight 1/(t - r) uses shifted values.
 """
+import contextlib
 import math
 
 import torch
@@ -72,6 +77,11 @@ def denoise(model, x_t, sigma, y):
     return model(x_t * _bcast(c_in(sigma), x_t), c_noise(sigma), y)
 
 
+def precondition(x, sigma):
+    """Network inputs of noisy images x (B, 3, H, W) at shifted levels sigma (B,): (c_in(sigma) x, c(sigma))."""
+    return x * _bcast(c_in(sigma), x), c_noise(sigma)
+
+
 def consistency_function(model, x_t, sigma, y, sigma_min):
     """Eq. 4: f(x_t, sigma~) = c_skip x_t + c_out F(c_in x_t, c(sigma~), y). Shapes as `denoise`."""
     c_skip, c_out = consistency_scalings(sigma, sigma_min)
@@ -79,40 +89,39 @@ def consistency_function(model, x_t, sigma, y, sigma_min):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# NT-Xent (eq. 7) and the pre-training losses (eq. 8)
+# NT-Xent (eq. 7) and pre-training (eq. 6-8)
 # ----------------------------------------------------------------------------------------------------------------
-def gather_keys(k):
-    """All-gather stop-gradient keys (B, D) from every rank -> (world*B, D), rank order; identity when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def global_keys(k):
+    """Stop-gradient keys (B, D) of this rank -> L2-normalised fp32 keys of the GLOBAL batch (world*B, D), rank order."""
+    k = F.normalize(k.detach().float(), dim=-1)
+    rank, world = _rank_world()
+    if world == 1:
         return k
-    parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(k) for _ in range(world)]
     dist.all_gather(parts, k.contiguous())
     return torch.cat(parts)
 
 
-def nt_xent(q, k, tau):
-    """Eq. 7: -log( exp(q.k+ / tau) / (exp(q.k+ / tau) + sum_k- exp(q.k- / tau)) ), per query.
+def nt_xent(q, k, tau, first=None):
+    """Eq. 7: -log( exp(q.k+ / tau) / (exp(q.k+ / tau) + sum_k- exp(q.k- / tau)) ), per query, L2-normalised.
 
-    q: (B, D) local queries (with gradient); k: (B, D) their positive keys (treated as stop-gradient). Both are
-    L2-normalised here. Negatives are the keys of every other image of the *global* batch (gathered from all ranks),
-    no 2*tau factor, no memory queue. tau: float or (B,) per-query temperature. Returns (B,) fp32 losses.
+    q: (B, D) queries (with gradient). k: (B, D) their positive keys, gathered over all ranks here; or, when `first`
+    is given, the keys of the whole global batch already gathered by `global_keys`, the positive of q[i] being
+    k[first + i] (so that a micro-batch's queries still see every key of the step). Negatives: every other key of the
+    global batch; no 2*tau factor, no memory queue. tau: float or (B,) per query. Returns (B,) fp32 losses.
     """
-    q = F.normalize(q.float(), dim=-1)
-    k = F.normalize(k.detach().float(), dim=-1)
-    keys = gather_keys(k)
-    rank = dist.get_rank() if (dist.is_available() and dist.is_initialized()) else 0
-    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
-    tau = torch.as_tensor(tau, dtype=torch.float32, device=q.device).reshape(-1, 1)
-    logits = q @ keys.T / tau                                          # (B, world*B)
-    return F.cross_entropy(logits, labels, reduction="none")
-
-
-def contrastive_loss(q1, q2, k1, k2, tau=0.2):
-    """Contrastive term of eq. 8, symmetrised as in MoCo v3: NT-Xent(q1, k2) + NT-Xent(q2, k1).
-
-    q1, q2: online projector outputs of the two views (B, P); k1, k2: momentum-encoder projector outputs. -> (B,)
-    """
-    return nt_xent(q1, k2, tau) + nt_xent(q2, k1, tau)
+    if first is None:
+        k, first = global_keys(k), _rank_world()[0] * q.shape[0]
+    positive = first + torch.arange(q.shape[0], device=q.device)
+    tau = tau.float().reshape(-1, 1) if torch.is_tensor(tau) else tau           # a float stays on the host
+    logits = F.normalize(q.float(), dim=-1) @ k.T / tau                             # (B, world*B)
+    return F.cross_entropy(logits, positive, reduction="none")
 
 
 def rc_tau(sigma, step, total_steps, tau1=0.1, tau2=0.2, schedule="annealed"):
@@ -166,7 +175,42 @@ def rc_noise_pair(batch_size, num_scales, generator=None, shared=False, device="
     n = torch.randint(0, num_scales - 1, (count,), generator=generator).expand(batch_size)
     sigma_n = karras_sigmas(num_scales, index=n)
     sigma_next = karras_sigmas(num_scales, index=n + 1)
-    return sigma_n.float().to(device), sigma_next.float().to(device)
+    return sigma_n.float().to(device, non_blocking=True), sigma_next.float().to(device, non_blocking=True)
+
+@torch.no_grad()
+def rcm_keys(momentum, target, x, view1, view2, eps, sigma_next, sigma_views):
+    """The stop-gradient keys of eq. 8 for a whole step's batch, L2-normalised and gathered over ranks (global_keys).
+
+    k1, k2 = L-(E-(y~)) of the momentum branch on the two views at the data end, y~ = y + sigma_views eps;
+    h_next = sg E(x + t_{n-1} eps), the online encoder itself on the cleaner point of the trajectory.
+    momentum(x_in, c) -> (k1, k2) for x_in = [y1~; y2~]; target(x_in, c) -> (B, D) LN'd CLS features.
+    x, view1, view2, eps: (B, 3, H, W); sigma_next: (B,) shifted; sigma_views: float, s * sigma_min.
+    Returns (k1, k2, h_next), each (world*B, D).
+    """
+    s0 = torch.full_like(sigma_next, sigma_views)
+    k1, k2 = momentum(*precondition(torch.cat([view1 + sigma_views * eps, view2 + sigma_views * eps]),
+                                    torch.cat([s0, s0])))
+    h_next = target(*precondition(x + _bcast(sigma_next, x) * eps, sigma_next))
+    return global_keys(k1), global_keys(k2), global_keys(h_next)
+
+
+def rcm_loss(online, keys, x, view1, view2, eps, sigma_n, sigma_views, tau_rc, ctr_tau, first):
+    """Eq. 8 per image (lambda(t) = 1), with one Gaussian eps shared by all inputs of an image (eq. 6):
+
+        contrastive:  NT-Xent(L(E(y1~)), sg L-(E-(y2~)); ctr_tau) + NT-Xent(L(E(y2~)), sg L-(E-(y1~)); ctr_tau)
+        consistency:  NT-Xent(E(x + t_n eps), sg E(x + t_{n-1} eps); tau(t_n))
+
+    online(x_in, c) -> (q1, q2, h_n) for x_in = [y1~; y2~; x_n]: projections of both views and the LN'd CLS feature
+    of x_n, in one encoder pass. keys: rcm_keys of the step; first: the global index of x[0] among them.
+    x, view1, view2, eps: (B, 3, H, W); sigma_n: (B,) shifted t_n; tau_rc: (B,). Returns (contrastive, consistency),
+    each (B,).
+    """
+    s0 = torch.full_like(sigma_n, sigma_views)
+    inputs = torch.cat([view1 + sigma_views * eps, view2 + sigma_views * eps, x + _bcast(sigma_n, x) * eps])
+    q1, q2, h_n = online(*precondition(inputs, torch.cat([s0, s0, sigma_n])))
+    k1, k2, h_next = keys
+    contrastive = nt_xent(q1, k2, ctr_tau, first) + nt_xent(q2, k1, ctr_tau, first)
+    return contrastive, nt_xent(h_n, h_next, tau_rc, first)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,9 +232,14 @@ def diffusion_noise(batch_size, generator=None, p_mean=-1.2, p_std=1.6, num_scal
     weight = 1.0 / (sigma - karras_sigmas(num_scales, index=index + 1))
     return sigma.float(), weight.float()
 
+def diffusion_loss(net, x0, y, sigma, weight, eps):
+    """Eq. 1 per image with Table 9's settings: weight * mean_pixels (D(x0 + sigma eps; sigma, y) - x0)^2.
 
-def diffusion_loss(pred, x0, weight):
-    """Weighted x-prediction loss of eq. 1: weight * mean over pixels of (D - x0)^2. -> (B,) per-sample losses."""
+    net: F(x_in, c_noise, y), an x-prediction network (denoise); x0, eps: (B, 3, H, W); y: (B,) labels (null class
+    already applied); sigma: (B,) SHIFTED s t_n; weight: (B,) 1/(t_n - t_{n-1}) of the unshifted grid
+    (diffusion_noise). Returns (B,) fp32.
+    """
+    pred = denoise(net, x0 + _bcast(sigma, x0) * eps, sigma, y)
     return weight.float() * (pred.float() - x0.float()).pow(2).flatten(1).mean(dim=1)
 
 
@@ -230,3 +279,135 @@ def pseudo_huber(pred, target, c=0.06):
     """
     s = (pred.float() - target.float()).pow(2).flatten(1).sum(dim=1)
     return s / torch.sqrt(s + c * c).detach()
+
+def consistency_loss(net, target, x0, y, t, r, eps, sigma_min, huber_c=0.06, rng_devices=()):
+    """Eq. 5 per image: lambda(t~, r~) d(f_theta(x_t, t~), f_sg(theta)(x_r, r~)), x_t = x0 + t~ eps, x_r = x0 + r~ eps.
+
+    f is the consistency function of eq. 4 (boundary sigma_min, shifted); net: F_theta with gradient; target: the same
+    network for the stop-gradient pass (the current weights, no EMA teacher). The target runs first, under no_grad
+    in a forked RNG that is rewound afterwards, so the online pass draws the same dropout masks (as the official code
+    does by saving and restoring the CUDA RNG state); rng_devices: the CUDA devices to fork. d = pseudo_huber,
+    lambda = ct_weight. x0, eps: (B, 3, H, W); y, t, r: (B,), t and r shifted, r <= t.
+    Returns (loss (B,) fp32, prediction f_theta(x_t, t~) (B, 3, H, W) with gradient, for aux_loss).
+    """
+    with torch.random.fork_rng(devices=list(rng_devices)), torch.no_grad():
+        target_x = consistency_function(target, x0 + _bcast(r, x0) * eps, r, y, sigma_min)
+    prediction = consistency_function(net, x0 + _bcast(t, x0) * eps, t, y, sigma_min)
+    return ct_weight(t, r) * pseudo_huber(prediction, target_x, huber_c), prediction
+
+
+@torch.no_grad()
+def aux_keys(W, x0, sigma_min):
+    """The stop-gradient keys sg W(x_t0, t_0) of eq. 9 for a whole step's batch (B, 3, H, W), gathered over ranks.
+    W(x_in, c) -> (B, D): the frozen RCM's LN'd CLS feature (paper) or projector output (official code). t_0 is the
+    trajectory end sigma~_min at which x_t0 counts as data (footnote to eq. 4). -> (world*B, D)"""
+    return global_keys(W(*precondition(x0, torch.full((x0.shape[0],), sigma_min, device=x0.device))))
+
+
+def aux_loss(W, prediction, keys, t, sigma_min, tau, kind, first):
+    """Eq. 9 per image: NT-Xent(W(f_theta(x_t, t~), t~), sg W(x_t0, t_0)).
+
+    W: the frozen pre-trained RCM as in aux_keys (no gradient to its weights; the gradient flows through it into the
+    prediction). prediction: f_theta(x_t, t~) (B, 3, H, W); keys: aux_keys of the step; first: global index of
+    prediction[0]; t: (B,) shifted levels of the noisy inputs. kind "encoder" follows the paper (the prediction at
+    t~); "projector" the official code (the prediction at sigma~_min too). Returns (B,).
+    """
+    sigma = t if kind == "encoder" else torch.full_like(t, sigma_min)
+    return nt_xent(W(*precondition(prediction, sigma)), keys, tau, first)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers (paper §4: Heun-32 with interval CFG, Euler-50, one/two-step consistency sampling)
+# ----------------------------------------------------------------------------------------------------------------
+def sampling_sigmas(steps, image_size):
+    """Shifted Karras grid sigma~_i = s * t_i (eq. 10, Table 9), descending, float64 (steps,), no final zero: the
+    samplers stop at s * sigma_min and return x there, as the official code does."""
+    return resolution_shift(image_size) * karras_sigmas(steps)
+
+
+def clamp_to(x, bounds):
+    """Clamp x (B, 3, H, W) per channel to bounds = (lo (3,), hi (3,)); identity for None."""
+    if bounds is None:
+        return x
+    lo, hi = (b.to(x.device, x.dtype).view(1, 3, 1, 1) for b in bounds)
+    return torch.maximum(torch.minimum(x, hi), lo)
+
+
+def guided_denoiser(model, labels, null_label, shift, cfg_scale=1.0, cfg_interval=(0.19, 1.61), clamp=None,
+                    counter=None, autocast=contextlib.nullcontext):
+    """D(x; sigma~) of an x-prediction network with interval CFG (Kynkaanniemi et al. 2024, as the official code).
+
+    labels: (B,) int64; null_label: the null class (= num_classes); shift: s = H/64; cfg_interval: unshifted
+    (lo, hi]; clamp: per-channel bounds or None; counter: optional dict counting images through the network.
+    Returns denoiser(x (B,3,H,W), sigma (float, shifted)) -> (B,3,H,W) in x's dtype:
+        inside lo < sigma/s <= hi and w != 1:  D_u + w (D_c - D_u), cond and uncond batched in one forward;
+        otherwise:                             D_c (only the conditional forward runs).
+    The interval test uses the sigma value of the grid itself (float64), never one recovered from c_noise.
+    """
+    lo, hi = cfg_interval
+
+    def denoiser(x, sigma):
+        guide = cfg_scale != 1.0 and lo < sigma / shift <= hi
+        x_in, y_in = (torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, null_label)])) if guide \
+            else (x, labels)
+        with autocast():
+            out = denoise(model, x_in.float(), torch.full((x_in.shape[0],), sigma, device=x.device), y_in)
+        if counter is not None:
+            counter["forwards"] = counter.get("forwards", 0) + x_in.shape[0]
+        if guide:
+            cond, uncond = out.to(x.dtype).chunk(2)
+            out = uncond + cfg_scale * (cond - uncond)
+        return clamp_to(out.to(x.dtype), clamp)
+
+    return denoiser
+
+
+def consistency_fn(model, labels, shift, clamp=None, counter=None, autocast=contextlib.nullcontext):
+    """f(x, sigma~) of eq. 4 with boundary s * sigma_min, clamped like D. Returns f(x (B,3,H,W), float) -> (B,3,H,W)."""
+    def f(x, sigma):
+        with autocast():
+            out = consistency_function(model, x.float(), torch.full((x.shape[0],), sigma, device=x.device), labels,
+                                       shift * SIGMA_MIN)
+        if counter is not None:
+            counter["forwards"] = counter.get("forwards", 0) + x.shape[0]
+        return clamp_to(out.to(x.dtype), clamp)
+
+    return f
+
+
+@torch.no_grad()
+def heun_sample(denoiser, x, sigmas):
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 2, S_churn = 0) over the descending shifted grid
+    `sigmas` (float64 (steps,)), WITHOUT a final step to sigma = 0: returns x at sigmas[-1]. x = sigmas[0] * z.
+    2 (steps - 1) denoiser calls:
+        d = (x - D(x; s_i)) / s_i;  x' = x + (s_{i+1} - s_i) d;  d' = (x' - D(x'; s_{i+1})) / s_{i+1}
+        x <- x + (s_{i+1} - s_i) (d + d') / 2
+    """
+    for s_cur, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        d = (x - denoiser(x, s_cur)) / s_cur
+        x_euler = x + (s_next - s_cur) * d
+        x = x + (s_next - s_cur) * 0.5 * (d + (x_euler - denoiser(x_euler, s_next)) / s_next)
+    return x
+
+
+@torch.no_grad()
+def euler_sample(denoiser, x, sigmas):
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over `sigmas`, ending at
+    sigmas[-1] (steps - 1 denoiser calls: 49 for the paper's 50-step ablation sampler). Shapes as heun_sample."""
+    for s_cur, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        x = x + (s_next - s_cur) * (x - denoiser(x, s_cur)) / s_cur
+    return x
+
+
+@torch.no_grad()
+def consistency_sample(f, z, shift, mid_sigmas=()):
+    """Consistency sampling (Song et al. 2023, Alg. 1) at shifted levels. z: (1 + len(mid_sigmas), B, 3, H, W)
+    standard normal draws; mid_sigmas: unshifted intermediate levels (empty: one step).
+    One step x = f(s*80 z_0, s*80); then per t_mid: x <- x + sqrt((s t_mid)^2 - (s sigma_min)^2) z_k, x = f(x, s t_mid).
+    """
+    sigma_max, sigma_min = shift * SIGMA_MAX, shift * SIGMA_MIN
+    x = f(sigma_max * z[0], sigma_max)
+    for k, t_mid in enumerate(mid_sigmas, start=1):
+        t = shift * t_mid
+        x = f(x + math.sqrt(t * t - sigma_min * sigma_min) * z[k], t)
+    return x

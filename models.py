@@ -270,6 +270,21 @@ class RCM(nn.Module):
         return self.projector(h), h
 
 
+class RCMViews(nn.Module):
+    """An RCM pass as eq. 8 needs it, on [y1~; y2~] or, with `with_rest`, [y1~; y2~; x_n] (chunks of equal size):
+    the projections of the two views, each through the projector on its own (per-view BatchNorm statistics, as in
+    MoCo v3), and the LN'd CLS feature of x_n. One encoder pass; one module, so that DDP sees one forward per
+    backward. -> (q1, q2) or (q1, q2, h_n)"""
+
+    def __init__(self, rcm, with_rest=False):
+        super().__init__()
+        self.rcm, self.with_rest = rcm, with_rest
+
+    def forward(self, x, c_noise):
+        h = self.rcm.features(x, c_noise).chunk(3 if self.with_rest else 2)
+        return (self.rcm.projector(h[0]), self.rcm.projector(h[1]), *h[2:])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # EPG: encoder + decoder (fine-tuning, Table 7, Figure 4)
 # ----------------------------------------------------------------------------------------------------------------

@@ -115,86 +115,82 @@ def test_gaussian_oracle_trajectory_is_the_pf_ode_solution():
     x_t, t, x_r, r = gaussian_trajectory_pair(batch=3)
     x_small = x_t[:, :, :2, :2]                                      # a few pixels suffice for the ODE check
     assert torch.allclose(ode_transport_rk4(x_small, t, r), x_r[:, :, :2, :2], rtol=0, atol=1e-8)
+    assert torch.allclose(exact_f(x_t, t), exact_f(x_r, r), rtol=0, atol=1e-12)   # one trajectory, one end point
+
+
+def as_network(f, sigma_min=EPS_B, calls=None):
+    """The network F whose consistency function (eq. 4) is f: F(c_in x, c(t), y) = (f(x, t) - c_skip x) / c_out,
+    with c_in, c(t), c_skip, c_out written out from EDM/Table 9. `calls` collects the values of f."""
+    def net(x_in, c_noise, y):
+        t = torch.exp(c_noise.double() / 250.0).view(-1, 1, 1, 1)
+        x = x_in * torch.sqrt(t ** 2 + 0.25)
+        c_skip = 0.25 / ((t - sigma_min) ** 2 + 0.25)
+        c_out = (t - sigma_min) * 0.5 / torch.sqrt(t ** 2 + 0.25)
+        fx = f(x, t.flatten())
+        if calls is not None:
+            calls.append(fx)
+        return (fx - c_skip * x) / c_out
+    return net
 
 
 def test_exact_consistency_function_gives_zero_loss():
-    x_t, t, x_r, r = gaussian_trajectory_pair()
-    assert torch.allclose(exact_f(x_t, t), exact_f(x_r, r), rtol=0, atol=1e-12)   # one trajectory, one end point
-    loss, prediction = tc.consistency_loss(exact_f, exact_f, x_t, t, x_r, r, huber_c=0.06)
-    assert loss.shape == (6,) and torch.allclose(prediction, exact_f(x_t, t))
+    """Data concentrated at MU (std 0): x0 + t eps and x0 + r eps lie on one PF-ODE trajectory, so the exact map
+    f*(x, t) = MU + (x - MU) eps_b / t sends both to the same point and eq. 5 is zero; for another f it is not."""
+    _, t, _, r = gaussian_trajectory_pair()
+    x0, eps = torch.full((6, 3, SIZE, SIZE), MU, dtype=torch.float64), torch.randn(6, 3, SIZE, SIZE, dtype=torch.float64)
+    point = as_network(lambda x, s: exact_f(x, s, std=0.0))
+    loss, prediction = losses.consistency_loss(point, point, x0, None, t, r, eps, EPS_B, huber_c=0.06)
+    assert loss.shape == (6,) and torch.allclose(prediction, MU + EPS_B * eps)
     assert loss.abs().max() < 1e-6
-
-
-def test_perturbed_consistency_function_gives_the_brute_force_loss():
-    x_t, t, x_r, r = gaussian_trajectory_pair()
-    wrong = lambda x, sigma: exact_f(x, sigma, std=0.6)          # noqa: E731 - consistent for other data only
-    loss, _ = tc.consistency_loss(wrong, wrong, x_t, t, x_r, r, huber_c=0.06)
-    expected = []                                                  # lambda = 1/(t - r), d = S / sqrt(S + c^2)
+    gaussian = as_network(exact_f)                                   # the map of data with std 0.5 instead
+    loss, _ = losses.consistency_loss(gaussian, gaussian, x0, None, t, r, eps, EPS_B, huber_c=0.06)
+    expected = []                                                    # lambda = 1/(t - r), d = S / sqrt(S + c^2)
     for i in range(6):
-        delta = (wrong(x_t, t) - wrong(x_r, r))[i].numpy()
-        squares = float(np.sum(delta ** 2))
+        delta = (exact_f(x0 + t.view(-1, 1, 1, 1) * eps, t) - exact_f(x0 + r.view(-1, 1, 1, 1) * eps, r))[i]
+        squares = float((delta ** 2).sum())
         expected.append(1.0 / float(t[i] - r[i]) * squares / math.sqrt(squares + 0.06 ** 2))
-    assert (loss > 0).all()
-    assert np.allclose(loss.numpy(), expected, rtol=1e-4)
+    assert (loss > 0).all() and np.allclose(loss.numpy(), expected, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Dropout masks of the online and the target pass
 # ----------------------------------------------------------------------------------------------------------------
-class MaskProbe(torch.nn.Module):
-    """Returns the dropout mask itself: ones through Dropout(0.5) give 0 or 2 per element."""
-
-    def __init__(self):
-        super().__init__()
-        self.drop = torch.nn.Dropout(0.5)
-
-    def forward(self, x, sigma):
-        return self.drop(torch.ones_like(x)) * (1 + 0 * x)
-
-
 def test_online_and_target_passes_see_identical_dropout_masks():
-    probe = MaskProbe().train()
-    seen = {}
-
-    def target(x, sigma):
-        seen["target"] = probe(x, sigma)
-        return seen["target"]
-
-    x = torch.zeros(4, 3, 8, 8, requires_grad=True)
-    sigma = torch.ones(4)
-    _, prediction = tc.consistency_loss(probe, target, x, 2 * sigma, x.detach(), sigma)
-    assert torch.equal(prediction, seen["target"])
-    assert 0.3 < (prediction == 0).float().mean() < 0.7                 # a real mask
-    assert not torch.equal(probe(x, sigma), probe(x, sigma))            # without the fork, masks differ
+    drop = torch.nn.Dropout(0.5).train()
+    calls = []
+    probe = as_network(lambda x, s: drop(torch.ones_like(x)) + 0 * x, calls=calls)  # f = the mask itself: 0 or 2
+    x0, eps = torch.zeros(4, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 8, 8)
+    _, prediction = losses.consistency_loss(probe, probe, x0, None, torch.full((4,), 2.0), torch.ones(4), eps, EPS_B)
+    assert len(calls) == 2 and torch.equal(calls[0], calls[1])           # target pass, then online pass
+    assert 0.3 < (prediction.abs() < 1e-6).float().mean() < 0.7         # a real mask (0 or 2 per element)
+    assert not torch.equal(drop(torch.ones(4, 3, 8, 8)), drop(torch.ones(4, 3, 8, 8)))  # without the fork they differ
 
 
 def test_dropout_masks_match_in_the_real_network():
     """Same weights, same input, same level: the target pass of the real EPG-T (dropout 0.5, train mode) reproduces
     the online output exactly; two plain passes differ, so dropout is active."""
     model = randomize(models.build_epg("T", SIZE, num_classes=10, decoder_dropout=0.5), seed=1).train()
-    sigma_min = EPS_B
-    y = torch.tensor([1, 2, 3])
-    x = torch.randn(3, 3, SIZE, SIZE)
+    calls = []
+
+    def net(x_in, c_noise, y):
+        calls.append(model(x_in, c_noise, y))
+        return calls[-1]
+
+    y, x0 = torch.tensor([1, 2, 3]), torch.randn(3, 3, SIZE, SIZE)
     sigma = torch.tensor([0.5, 1.0, 3.0])
-    f = lambda x, s: losses.consistency_function(model, x, s, y, sigma_min)    # noqa: E731
-    seen = {}
-
-    def target(x, s):
-        seen["target"] = f(x, s)
-        return seen["target"]
-
-    _, prediction = tc.consistency_loss(f, target, x, sigma, x, sigma)
-    assert torch.equal(prediction.detach(), seen["target"])
-    assert prediction.requires_grad and not seen["target"].requires_grad
-    assert not torch.allclose(f(x, sigma), f(x, sigma))
+    _, prediction = losses.consistency_loss(net, net, x0, y, sigma, sigma, torch.randn_like(x0), EPS_B)
+    assert torch.equal(calls[0], calls[1].detach())
+    assert prediction.requires_grad and not calls[0].requires_grad
+    c = losses.c_noise(sigma)
+    assert not torch.allclose(model(x0, c, y), model(x0, c, y))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Auxiliary loss (eq. 9)
 # ----------------------------------------------------------------------------------------------------------------
 def test_aux_loss_gradient_reaches_generator_not_w(rcm_ckpt):
-    args = argparse.Namespace(aux_weight=1.0, aux_ckpt=None, init=rcm_ckpt, model="T", aux_features="encoder")
-    W = tc.load_aux_network(args, SIZE, log=lambda *a: None)
+    args = argparse.Namespace(aux_weight=1.0, aux_ckpt=None, model="T", image_size=SIZE, aux_features="encoder")
+    W = tc.aux_network(args, trainlib.load_checkpoint(rcm_ckpt), log=lambda *a: None)
     assert not W.training and not any(p.requires_grad for p in W.parameters())
     generator = randomize(models.build_epg("T", SIZE, num_classes=10, decoder_dropout=0.5), seed=2).train()
     x0 = torch.randn(4, 3, SIZE, SIZE).clamp(-1, 1)
@@ -204,7 +200,9 @@ def test_aux_loss_gradient_reaches_generator_not_w(rcm_ckpt):
     for kind in ("encoder", "projector"):
         generator.zero_grad()
         prediction = losses.consistency_function(generator, x_t, t, y, EPS_B)
-        loss = tc.aux_loss(W, prediction, x0, t, EPS_B, tau=0.1, kind=kind)
+        W_fn = W.features if kind == "encoder" else (lambda x, c: W(x, c)[0])           # noqa: E731
+        keys = losses.aux_keys(W_fn, x0, EPS_B)
+        loss = losses.aux_loss(W_fn, prediction, keys, t, EPS_B, 0.1, kind, first=0)
         assert loss.shape == (4,) and torch.isfinite(loss).all() and (loss > 0).all()
         loss.mean().backward()
         grads = [p.grad for p in generator.parameters()]
@@ -213,18 +211,18 @@ def test_aux_loss_gradient_reaches_generator_not_w(rcm_ckpt):
 
 
 def test_aux_loss_is_off_without_pretrained_network():
-    args = argparse.Namespace(aux_weight=1.0, aux_ckpt=None, init=None, model="T", aux_features="encoder")
+    args = argparse.Namespace(aux_weight=1.0, aux_ckpt=None, model="T", image_size=SIZE, aux_features="encoder")
     notes = []
-    assert tc.load_aux_network(args, SIZE, log=notes.append) is None
+    assert tc.aux_network(args, None, log=notes.append) is None
     assert notes and "off" in notes[0]
 
 
 def test_step_lr_schedule():
-    lr = lambda s: tc.step_lr(s, 1e-4, [400_000, 500_000], [0.3, 0.08])     # noqa: E731 - Table 11
+    lr = lambda s: trainlib.step_lr(s, 1e-4, [400_000, 500_000], [0.3, 0.08])     # noqa: E731 - Table 11
     assert lr(0) == 1e-4 and lr(399_999) == 1e-4
     assert math.isclose(lr(400_000), 3e-5) and math.isclose(lr(499_999), 3e-5)
     assert math.isclose(lr(500_000), 8e-6) and math.isclose(lr(700_000), 8e-6)
-    assert math.isclose(tc.step_lr(2_500, 1e-4, [], [], warmup=10_000), 2.5e-5)
+    assert math.isclose(trainlib.step_lr(2_500, 1e-4, [], [], warmup=10_000), 2.5e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +257,7 @@ def test_few_training_steps_are_finite(tmp_path, rcm_ckpt):
 
 def test_cli_misuse_exits_with_code_2(tmp_path):
     with pytest.raises(SystemExit) as e:
-        trainlib.cli_main(lambda: tc.main(["--model", "T", "--out", str(tmp_path / "x"), "--steps", "1"]))
+        trainlib.cli_main(lambda: tc.main(["--model", "T", "--out", str(tmp_path / "x"), "--steps", "1"]))     # no --init
     assert e.value.code == 2
 
 
@@ -306,12 +304,34 @@ def test_two_processes_equal_one(tmp_path, rcm_ckpt, run_torchrun):
     for one, two in zip(runs[1], runs[2]):
         for key in ("loss", "loss_consistency", "loss_aux"):
             assert math.isclose(one[key], two[key], rel_tol=1e-4), (key, one, two)
+    a, b = (torch.load(tmp_path / f"p{n}" / "ckpt_last.pt", weights_only=True) for n in (1, 2))
+    for i, state in a["optimizer"]["state"].items():            # gradients averaged, not summed, over ranks
+        m1, m2 = state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]
+        assert torch.linalg.vector_norm(m1 - m2) <= 1e-3 * torch.linalg.vector_norm(m1) + 1e-8, i
+
+
+def test_micro_batches_give_the_loss_and_gradients_of_the_whole_batch(tmp_path, rcm_ckpt):
+    """--micro-batch 2 (gradient accumulation; the auxiliary NT-Xent's keys are those of the whole batch) against
+    no accumulation, dropout off: same logged losses and first moments after two steps."""
+    runs = {}
+    for name, extra in (("whole", []), ("micro", ["--micro-batch", "2"])):
+        tc.main(tiny_args(tmp_path / name, rcm_ckpt, 2, "--dropout", "0", *extra))
+        runs[name] = (read_metrics(tmp_path / name), torch.load(tmp_path / name / "ckpt_last.pt", weights_only=True))
+    for one, two in zip(runs["whole"][0], runs["micro"][0]):
+        for key in ("loss", "loss_consistency", "loss_aux"):
+            assert math.isclose(one[key], two[key], rel_tol=1e-5), (key, one, two)
+    a, b = runs["whole"][1]["optimizer"]["state"], runs["micro"][1]["optimizer"]["state"]
+    for i in a:
+        assert torch.linalg.vector_norm(a[i]["exp_avg"] - b[i]["exp_avg"]) <= 1e-4 * torch.linalg.vector_norm(
+            a[i]["exp_avg"]) + 1e-9, i
 
 
 def test_paper_model_defaults_are_tables_9_and_11_and_flags_override_the_noise_proposal():
-    args = tc.resolve_defaults(tc.parse_args(["--model", "L"]), lambda *a: None)
+    args = tc.parse_args(["--model", "L"])
     assert (args.batch_size, args.steps, args.lr, args.ema, args.dropout) == (1024, 700_000, 1e-4, 0.9999, 0.5)
     assert tuple(args.betas) == (0.9, 0.99) and tuple(args.lr_milestones) == (400_000, 500_000)   # Table 11
     assert (args.p_mean, args.p_std, args.image_size) == (-0.4, 1.6, 256)                          # Table 9
-    tiny = tc.resolve_defaults(tc.parse_args(["--model", "T", "--p-mean", "1.2", "--p-std", "1.0"]), lambda *a: None)
+    tiny = tc.parse_args(["--model", "T", "--p-mean", "1.2", "--p-std", "1.0"])
     assert (tiny.p_mean, tiny.p_std) == (1.2, 1.0)
+    assert tiny.lr_milestones == [686, 857] and tiny.stage_interval == 100_000       # 4/7, 5/7 of 1200 steps
+    assert tc.parse_args(["--model", "T", "--steps", "7000"]).lr_milestones == [4000, 5000]

@@ -50,13 +50,15 @@ def test_edm_optimal_denoiser_attains_predicted_minimum():
     for sigma_value in (0.01, 0.3, 2.0, 50.0):
         x0 = mu + s * torch.randn(n, d, generator=g, dtype=torch.float64)
         sigma = torch.full((n,), sigma_value, dtype=torch.float64)
-        x_t = x0 + sigma[:, None] * torch.randn(n, d, generator=g, dtype=torch.float64)
-        pred = losses.denoise(net, x_t, sigma, None)
-        loss = losses.diffusion_loss(pred, x0, torch.ones(n)).mean().item()
+        eps = torch.randn(n, d, generator=g, dtype=torch.float64)
+        loss = losses.diffusion_loss(net, x0, None, sigma, torch.ones(n), eps).mean().item()
         predicted = s ** 2 * sigma_value ** 2 / (s ** 2 + sigma_value ** 2)
         assert loss == pytest.approx(predicted, rel=0.03)
-        worse = losses.diffusion_loss(pred + 0.1 * s, x0, torch.ones(n)).mean().item()
+        shifted = lambda x_in, c, y: net(x_in, c, y) + 0.1 * s                        # noqa: E731
+        worse = losses.diffusion_loss(shifted, x0, None, sigma, torch.ones(n), eps).mean().item()
         assert worse > loss
+        weighted = losses.diffusion_loss(net, x0, None, sigma, torch.full((n,), 3.0), eps).mean().item()
+        assert weighted == pytest.approx(3 * loss, rel=1e-6)                          # the weight multiplies
 
 
 # ---------------------------------------------------------------- iCT curriculum N(k)
@@ -163,6 +165,88 @@ def test_nt_xent_distributed_equals_single_process(tmp_path, run_torchrun):
     loss.backward()
     assert res["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
     assert torch.allclose(res["grad"], q.grad, atol=1e-7)
+
+
+def test_micro_batches_see_the_keys_of_the_whole_batch():
+    """Queries split into micro-batches with the whole batch's keys (global_keys + first) give exactly the loss and
+    gradient of the whole batch at once (eq. 8/9 with micro-batching)."""
+    torch.manual_seed(0)
+    q = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(8, 5)
+    whole = losses.nt_xent(q, k, 0.2)
+    whole.sum().backward()
+    grad, q.grad = q.grad.clone(), None
+    keys = losses.global_keys(k)
+    parts = [losses.nt_xent(q[a:a + 2], keys, 0.2, first=a) for a in range(0, 8, 2)]
+    torch.cat(parts).sum().backward()
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-6)
+    assert torch.allclose(q.grad, grad, atol=1e-6)
+    brute = brute_force_nt_xent(q.detach()[2:4].float(), k, 0.2)          # rows 2, 3 against all 8 keys
+    assert torch.allclose(parts[1].float(), torch.tensor([brute_force_nt_xent(q.detach().float(), k, 0.2)[i]
+                                                          for i in (2, 3)]), atol=1e-5)
+    assert not torch.allclose(parts[1].float(), brute, atol=1e-3)           # 2 keys only would be another loss
+
+
+class ToyRCM(torch.nn.Module):
+    """A stand-in for models.RCM with the same interface: features = a linear map of the pooled input plus the
+    time input, projector = a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+        self.projector = torch.nn.Linear(4, 3)
+
+    def features(self, x, c_noise):
+        return self.lin(x.mean(dim=(2, 3))) + c_noise[:, None] / 1000
+
+
+def test_rcm_loss_is_eq_8_written_out():
+    """rcm_loss + rcm_keys against eq. 8 computed by hand from the networks with the brute-force NT-Xent."""
+    import models
+    torch.manual_seed(0)
+    online, momentum = ToyRCM(), ToyRCM()
+    b, s0 = 5, 0.5 * losses.SIGMA_MIN
+    x, y1, y2, eps = (torch.randn(b, 3, 4, 4) for _ in range(4))
+    sigma_n, sigma_next = torch.rand(b) * 5 + 1, torch.rand(b)
+    tau = torch.full((b,), 0.15)
+    keys = losses.rcm_keys(models.RCMViews(momentum), online.features, x, y1, y2, eps, sigma_next, s0)
+    ctr, rc = losses.rcm_loss(models.RCMViews(online, with_rest=True), keys, x, y1, y2, eps, sigma_n, s0, tau, 0.2,
+                              first=0)
+
+    def enc(net, images, sigma):                   # E(c_in x, c(sigma)) of images noised with eps at levels sigma
+        sigma = torch.as_tensor(sigma).expand(b)
+        noisy = images + sigma.view(-1, 1, 1, 1) * eps
+        return net.features(noisy / torch.sqrt(sigma ** 2 + 0.25).view(-1, 1, 1, 1), 250 * torch.log(sigma))
+
+    with torch.no_grad():
+        q1, q2 = (online.projector(enc(online, y, s0)) for y in (y1, y2))
+        k1, k2 = (momentum.projector(enc(momentum, y, s0)) for y in (y1, y2))
+        h_n, h_next = enc(online, x, sigma_n), enc(online, x, sigma_next)
+    expected_ctr = brute_force_nt_xent(q1, k2, 0.2) + brute_force_nt_xent(q2, k1, 0.2)
+    assert torch.allclose(ctr.detach(), expected_ctr, atol=1e-4)
+    assert torch.allclose(rc.detach(), brute_force_nt_xent(h_n, h_next, 0.15), atol=1e-4)
+
+
+def test_consistency_loss_is_eq_5_written_out():
+    """consistency_loss against lambda(t, r) * pseudo-Huber(f(x0 + t eps, t), f(x0 + r eps, r)) computed by hand
+    from eq. 4 with EDM's scalings, for a network F that is a fixed nonlinear map."""
+    torch.manual_seed(0)
+    sigma_min = 4 * losses.SIGMA_MIN
+    F = lambda x_in, c, y: torch.tanh(x_in) * (1 + c[:, None, None, None] / 1000)       # noqa: E731
+    x0, eps = torch.randn(4, 3, 4, 4, dtype=torch.float64), torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0.05, 0.5, 3.0, 40.0], dtype=torch.float64)
+    r = t * 0.8
+    loss, prediction = losses.consistency_loss(F, F, x0, None, t, r, eps, sigma_min, huber_c=0.06)
+
+    def f(x, sigma):
+        c_skip = 0.25 / ((sigma - sigma_min) ** 2 + 0.25)
+        c_out = (sigma - sigma_min) * 0.5 / math.sqrt(sigma ** 2 + 0.25)
+        return c_skip * x + c_out * torch.tanh(x / math.sqrt(sigma ** 2 + 0.25)) * (1 + 250 * math.log(sigma) / 1000)
+    for i in range(4):
+        a, b_ = f(x0[i] + float(t[i]) * eps[i], float(t[i])), f(x0[i] + float(r[i]) * eps[i], float(r[i]))
+        S = float(((a - b_) ** 2).sum())
+        assert loss[i].item() == pytest.approx(S / math.sqrt(S + 0.0036) / float(t[i] - r[i]), rel=1e-5)
+        assert torch.allclose(prediction[i], a)
 
 
 # ---------------------------------------------------------------- diffusion fine-tuning

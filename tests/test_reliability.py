@@ -9,6 +9,7 @@ a refused command leaves the output directory byte-for-byte as it was, a user er
 CPU, EPG-T/RCM-T at 16 px, global batch 4, a few steps; runs in-process where it can (start-up dominates).
 """
 import hashlib
+import math
 import io
 import os
 import random
@@ -24,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import fid
 import models
 import pretrain
@@ -70,8 +72,7 @@ def cli(monkeypatch, capsys, module, argv):
     Returns (exit code, stdout, stderr); exit code 0 when main returned normally."""
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
     try:
-        trainlib.cli_main(module.main)
-        code = 0
+        code = module.main() if module is data else trainlib.cli_main(module.main, data.DataError) or 0
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()
@@ -175,7 +176,8 @@ def base_args(script, files):
                                    "--sample-steps", 2],
         train_consistency: common + ["--init", files["rcm16"]],
         sample: ["--ckpt", files["dm"], "--num-samples", 2, "--steps", 2, "--device", "cpu", "--no-progress"],
-        fid: ["--embedded", "--device", "cpu", "--no-progress"],                 # + SAMPLES [REFERENCE]
+        fid: ["--device", "cpu", "--no-progress"],                               # + SAMPLES [REFERENCE]
+        data: ["score"],                                                         # + SAMPLES
     }[script]
 
 
@@ -402,23 +404,25 @@ BAD_INPUTS = _trainer_cases() + [pytest.param(script, extra, expected, id=f"{scr
     ("sample", "unknown-sampler", ["--sampler", "ddim"], "invalid choice"),
     ("sample", "checkpoint-of-another-size", ["--ckpt", "{dm_wrong_size}"], "do not match"),
     ("sample", "truncated-checkpoint", ["--ckpt", "{truncated_ckpt}"], "corrupt"),
-    ("fid", "npz-wrong-key", ["{npz_wrong_key}"], "expected 'arr_0'"),
-    ("fid", "npz-wrong-shape", ["{npz_wrong_shape}"], "(N, H, W, 3)"),
-    ("fid", "npz-wrong-dtype", ["{npz_wrong_dtype}"], "must be uint8"),
-    ("fid", "npz-float-labels", ["{npz_wrong_labels}"], "arr_1"),
-    ("fid", "npz-truncated", ["{npz_truncated}"], "cannot read"),
-    ("fid", "npz-not-an-npz", ["{npz_text}"], "cannot read"),
-    ("fid", "samples-missing", ["{data_missing}"], "does not exist"),
-    ("fid", "reference-missing", ["{npz_good}", "{data_missing}", "--no-embedded"], "does not exist"),
-    ("fid", "inception-weights-missing", ["{npz_good}", "{npz_good}", "--no-embedded"], "not found"),
-    ("fid", "zero-batch", ["{npz_good}", "{npz_good}", "--batch-size", 0, "--no-embedded"], "--batch-size"),
-    ("fid", "no-reference", ["{npz_good}", "--no-embedded"], "REFERENCE"),
+    ("fid", "npz-wrong-key", ["{npz_wrong_key}", "{npz_good}"], "expected 'arr_0'"),
+    ("fid", "npz-wrong-shape", ["{npz_wrong_shape}", "{npz_good}"], "(N, H, W, 3)"),
+    ("fid", "npz-wrong-dtype", ["{npz_wrong_dtype}", "{npz_good}"], "must be uint8"),
+    ("fid", "npz-truncated", ["{npz_truncated}", "{npz_good}"], "cannot read"),
+    ("fid", "npz-not-an-npz", ["{npz_text}", "{npz_good}"], "cannot read"),
+    ("fid", "samples-missing", ["{data_missing}", "{npz_good}"], "does not exist"),
+    ("fid", "reference-missing", ["{npz_good}", "{data_missing}"], "does not exist"),
+    ("fid", "inception-weights-missing", ["{npz_good}", "{npz_good}"], "not found"),
+    ("fid", "zero-batch", ["{npz_good}", "{npz_good}", "--batch-size", 0], "--batch-size"),
+    ("fid", "no-reference", ["{npz_good}"], "REFERENCE"),
+    ("fid", "embedded-moved", ["{npz_good}", "--embedded"], "python data.py score"),
+    ("score", "npz-float-labels", ["{npz_wrong_labels}"], "integer label"),
+    ("score", "npz-truncated", ["{npz_truncated}"], "cannot read"),
 ]]
 
 
 @pytest.mark.parametrize("name,extra,expected", BAD_INPUTS)
 def test_bad_input_is_one_clear_line_and_exit_code_2(name, extra, expected, files, tmp_path, monkeypatch, capsys):
-    script = TRAINERS.get(name) or {"sample": sample, "fid": fid}[name]
+    script = TRAINERS.get(name) or {"sample": sample, "fid": fid, "score": data}[name]
     out = tmp_path / "out"
     argv = base_args(script, files)
     for item in extra:
@@ -427,16 +431,171 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(name, extra, expected, file
             target, source = item[1:].split("=")
             out.mkdir(exist_ok=True)
             shutil.copy(source, out / target)
-        elif item == "--no-embedded":
-            argv.remove("--embedded")
         else:
             argv.append(item)
     if script is fid:
         monkeypatch.delenv("EPG_INCEPTION", raising=False)
         monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    else:
+    elif script is not data:
         argv += ["--out", out]
     before = snapshot(out)
     code, _, err = cli(monkeypatch, capsys, script, argv)
     assert_user_error(code, err, expected)
     assert snapshot(out) == before                               # nothing written (and nothing overwritten)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Round 2: pre-emption, resume that real jobs need, the kNN probe on small data, sampling that never loses a run
+# ----------------------------------------------------------------------------------------------------------------
+def metrics_steps(out):
+    import json
+    return [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_sigterm_saves_the_current_step_and_the_rerun_continues_bitwise(name, files, tmp_path, monkeypatch, capsys):
+    """A real SIGTERM (what SLURM and Kubernetes send) mid-run: exit 143 with a message, ckpt_last.pt at the step
+    reached, and the rerun ends bitwise where the uninterrupted run ends, with no step logged twice."""
+    script, steps = TRAINERS[name], 60
+    args = base_args(script, files) + ["--steps", steps, "--ckpt-every", 1000]
+    code, _, err = cli(monkeypatch, capsys, script, args + ["--out", tmp_path / "straight"])
+    assert code == 0, err[-2000:]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, f"{script.__name__}.py", *map(str, args), "--out", out], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "metrics.jsonl").exists() and len(metrics_steps(out)) >= 2):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, f"the run was not stopped mid-way (exit {proc.returncode}): {stderr[-2000:]}"
+    assert "SIGTERM" in stderr and "rerun to resume" in stderr
+    stopped_at = load(out / "ckpt_last.pt")["step"]
+    assert 2 <= stopped_at < steps                                # saved at the step reached, not at a cadence
+    code, stdout, err = cli(monkeypatch, capsys, script, args + ["--out", out])
+    assert code == 0 and f"at step {stopped_at}" in stdout, err[-2000:]
+    assert_same_state(load(out / "ckpt_last.pt"), load(tmp_path / "straight" / "ckpt_last.pt"), WEIGHTS[script])
+    assert metrics_steps(out) == list(range(1, steps + 1))       # nothing logged twice after the resume
+
+
+def test_moved_data_resumes_and_changed_data_is_refused(files, tmp_path, monkeypatch, capsys):
+    """A job that copies its data to scratch passes another --data path on every restart: same classes and image
+    count resume (with a note); a data set that changed is refused."""
+    for c in range(2):
+        (tmp_path / "a" / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.random.default_rng(10 * c + i).integers(0, 256, (SIZE, SIZE, 3), np.uint8)).save(
+                tmp_path / "a" / f"class{c}" / f"{i}.png")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    args = base_args(pretrain, files) + ["--out", tmp_path / "run", "--batch-size", 4]
+    code, _, err = cli(monkeypatch, capsys, pretrain, args + ["--data", tmp_path / "a"])
+    assert code == 0, err[-2000:]
+    code, stdout, err = cli(monkeypatch, capsys, pretrain, args + ["--data", tmp_path / "b", "--steps", 2])
+    assert code == 0 and "nothing to do" in stdout and "data path changed" in err, err[-2000:]
+    os.remove(tmp_path / "b" / "class1" / "5.png")
+    code, _, err = cli(monkeypatch, capsys, pretrain, args + ["--data", tmp_path / "b"])
+    assert_user_error(code, err, "classes or image count changed")
+
+
+def test_changing_steps_on_resume_follows_one_rule(files, tmp_path, monkeypatch, capsys):
+    """--steps may change on resume only where no schedule depends on it: pre-training (cosine, curriculum,
+    temperature annealing) refuses; constant-lr diffusion continues to the new end."""
+    for script, change_ok in ((pretrain, False), (train_diffusion, True)):
+        out = tmp_path / script.__name__
+        code, _, err = cli(monkeypatch, capsys, script, base_args(script, files) + ["--out", out])
+        assert code == 0, err[-2000:]
+        code, stdout, err = cli(monkeypatch, capsys, script, base_args(script, files) + ["--out", out, "--steps", 3])
+        if change_ok:
+            assert code == 0 and load(out / "ckpt_last.pt")["step"] == 3, err[-2000:]
+            assert metrics_steps(out) == [1, 2, 3]
+        else:
+            assert_user_error(code, err, "--steps")
+
+
+def test_knn_probe_on_an_image_folder_without_validation_split(files, tmp_path, monkeypatch, capsys):
+    """50 images, no val/: the probe classifies a fixed fifth of them against a bank of the others (it used to
+    classify a single image), and says how many of each it used."""
+    for c in range(2):
+        (tmp_path / "d" / f"c{c}").mkdir(parents=True)
+        for i in range(25):
+            colour = np.array([200, 30, 30] if c else [30, 30, 200], np.uint8)
+            noise = np.random.default_rng(100 * c + i).integers(0, 40, (SIZE, SIZE, 3), np.uint8)
+            Image.fromarray(colour + noise).save(tmp_path / "d" / f"c{c}" / f"{i}.png")
+    args = base_args(pretrain, files) + ["--data", tmp_path / "d", "--probe-every", 1, "--steps", 1,
+                                      "--out", tmp_path / "run"]
+    code, stdout, err = cli(monkeypatch, capsys, pretrain, args)
+    assert code == 0, err[-2000:]
+    assert "40 bank images, 10 queries" in stdout
+    import json
+    probes = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if "probe_acc" in l]
+    assert probes and all(p["probe_acc"] in [k / 10 for k in range(11)] for p in probes)   # 10 queries
+    assert probes[0]["probe_acc"] >= 0.9                          # two colours: even a random encoder separates them
+    (tmp_path / "one" / "c0").mkdir(parents=True)
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(tmp_path / "one" / "c0" / "0.png")
+    code, _, err = cli(monkeypatch, capsys, pretrain, args[:-1] + [tmp_path / "run1", "--data", tmp_path / "one"])
+    assert_user_error(code, err, "--probe-every 0")
+
+
+def test_interrupted_sampling_draws_only_the_missing_chunks_and_ends_bitwise(files, tmp_path, monkeypatch, capsys):
+    args = ["--ckpt", files["dm"], "--num-samples", 12, "--batch-size", 2, "--steps", 6, "--device", "cpu",
+            "--no-progress", "--labels", "balanced"]
+    code, _, err = cli(monkeypatch, capsys, sample, args + ["--out", tmp_path / "straight"])
+    assert code == 0, err[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "sample.py", *map(str, args), "--out", out], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "chunks").exists() and len([f for f in os.listdir(out / "chunks") if f.endswith(".npy")]) >= 2):
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sampler finished before the kill"
+    done = len([f for f in os.listdir(out / "chunks") if f.endswith(".npy") and ".tmp" not in f])
+    assert 2 <= done < 6 and not (out / "samples.npz").exists()
+    code, stdout, err = cli(monkeypatch, capsys, sample, args + ["--out", out])
+    assert code == 0 and f"{6 - done} of 6 chunks drawn by this run" in stdout, err[-2000:]
+    a, b = np.load(tmp_path / "straight" / "samples.npz"), np.load(out / "samples.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert sorted(os.listdir(out)) == ["grid.png", "samples.npz"]
+    code, _, err = cli(monkeypatch, capsys, sample, args + ["--out", out, "--seed", 1])   # other settings, same OUT:
+    assert code == 0, err[-2000:]                                  # a finished run leaves no chunks to mix with
+
+
+@pytest.mark.parametrize("flags,expected", [(["--cfg-scale", "nan"], "--cfg-scale"),
+                                            (["--cfg-interval", 1.0, 0.5], "--cfg-interval"),
+                                            (["--cfg-interval", 0.2, "inf"], "--cfg-interval")])
+def test_sampling_settings_that_would_give_garbage_are_refused(flags, expected, files, tmp_path, monkeypatch, capsys):
+    args = ["--ckpt", files["dm"], "--num-samples", 2, "--steps", 2, "--device", "cpu", "--out", tmp_path / "o"]
+    code, _, err = cli(monkeypatch, capsys, sample, args + flags)
+    assert_user_error(code, err, expected)
+    assert not (tmp_path / "o" / "samples.npz").exists()
+
+
+def test_nonfinite_weights_and_nonfinite_samples_stop_sampling(files, tmp_path, monkeypatch, capsys):
+    state = load(files["dm"])
+    state["ema"] = {k: v.clone() for k, v in state["ema"].items()}
+    state["ema"]["out.bias"][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    args = ["--num-samples", 2, "--steps", 2, "--device", "cpu", "--out", tmp_path / "o"]
+    code, _, err = cli(monkeypatch, capsys, sample, ["--ckpt", tmp_path / "nan.pt", *args])
+    assert_user_error(code, err, "NaN or inf")
+    code, _, err = cli(monkeypatch, capsys, sample, ["--ckpt", tmp_path / "nan.pt", "--weights", "online", *args])
+    assert code == 0, err[-2000:]                                  # the online weights are finite
+    state["ema"]["out.bias"][0] = 3e38                             # finite weights, infinite images
+    state["ema"]["out.weight"].fill_(3e38)
+    torch.save(state, tmp_path / "huge.pt")
+    code, _, err = cli(monkeypatch, capsys, sample, ["--ckpt", tmp_path / "huge.pt", "--clamp", "none", *args[:-1],
+                                                     tmp_path / "o2"])
+    assert_user_error(code, err, "NaN/inf")
+    assert not (tmp_path / "o2" / "samples.npz").exists()
+
+
+def test_random_labels_follow_the_training_sets_class_counts():
+    counts = [1000, 3000, 6000]
+    labels = sample.class_labels("random", 30_000, 3, seed=2, class_counts=counts)
+    share = np.bincount(labels.numpy(), minlength=3) / 30_000
+    assert np.allclose(share, [0.1, 0.3, 0.6], atol=5 * math.sqrt(0.25 / 30_000))
+    uniform = np.bincount(sample.class_labels("random", 30_000, 3, seed=2).numpy(), minlength=3) / 30_000
+    assert np.allclose(uniform, 1 / 3, atol=5 * math.sqrt(0.25 / 30_000))

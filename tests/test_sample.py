@@ -1,5 +1,6 @@
 """Tests of sample.py: the Heun/Euler samplers against the closed-form PF-ODE of Gaussian data, interval CFG and its
 evaluation count, per-image seeds, the ADM npz format, DDP sharding and the command-line errors."""
+import contextlib
 import math
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import losses
 import models
 import sample
 import trainlib
@@ -64,14 +66,14 @@ def sampler_errors(sampler, image_size, steps_list=(8, 16, 32, 64)):
 
 @pytest.mark.parametrize("image_size", [32, 64, 256])
 def test_heun_converges_at_second_order_to_the_exact_ode_solution(image_size):
-    errors = sampler_errors(sample.heun_sample, image_size)
+    errors = sampler_errors(losses.heun_sample, image_size)
     ratios = [a / b for a, b in zip(errors, errors[1:])]
     assert all(3.5 <= r <= 6.0 for r in ratios), ratios
     assert errors[-1] < 0.02                                         # data std is 0.5
 
 
 def test_euler_converges_at_first_order():
-    errors = sampler_errors(sample.euler_sample, 64)
+    errors = sampler_errors(losses.euler_sample, 64)
     ratios = [a / b for a, b in zip(errors, errors[1:])]
     assert all(1.8 <= r <= 2.2 for r in ratios), ratios
 
@@ -87,10 +89,10 @@ def test_heun_matches_the_exact_product_formula_in_float64():
         h = t_next - t
         heun_gain *= 1 + h / 2 * (a(t) + a(t_next) * (1 + h * a(t)))
         euler_gain *= 1 + h * a(t)
-    sigmas = sample.sampling_sigmas(32, 256)
+    sigmas = losses.sampling_sigmas(32, 256)
     assert np.allclose(sigmas.numpy(), grid, rtol=1e-14, atol=0)
-    heun = sample.heun_sample(optimal_denoiser, x_T.clone(), sigmas)
-    euler = sample.euler_sample(optimal_denoiser, x_T.clone(), sigmas)
+    heun = losses.heun_sample(optimal_denoiser, x_T.clone(), sigmas)
+    euler = losses.euler_sample(optimal_denoiser, x_T.clone(), sigmas)
     assert torch.allclose(heun, MU + (x_T - MU) * heun_gain, rtol=1e-10, atol=1e-12)
     assert torch.allclose(euler, MU + (x_T - MU) * euler_gain, rtol=1e-10, atol=1e-12)
 
@@ -115,10 +117,10 @@ class RecordingNet(torch.nn.Module):
 def run_guided_heun(net, cfg_scale, image_size=64, steps=32, batch=3, counter=None):
     shift = image_size / 64
     labels = torch.tensor([0, 1, 2])[:batch]
-    denoiser = sample.guided_denoiser(net, labels, net.null_label, shift, cfg_scale, (0.19, 1.61), counter=counter)
-    sigmas = sample.sampling_sigmas(steps, image_size)
+    denoiser = losses.guided_denoiser(net, labels, net.null_label, shift, cfg_scale, (0.19, 1.61), counter=counter)
+    sigmas = losses.sampling_sigmas(steps, image_size)
     x_T = float(sigmas[0]) * torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    return sample.heun_sample(denoiser, x_T, sigmas)
+    return losses.heun_sample(denoiser, x_T, sigmas)
 
 
 def test_guidance_with_identical_cond_and_uncond_equals_no_guidance():
@@ -145,7 +147,7 @@ def test_guidance_acts_only_inside_the_interval_and_costs_74_evaluations(image_s
 def test_guided_value_is_uncond_plus_scale_times_difference_inside_only():
     net, w, shift = RecordingNet(10), 2.5, 1.0
     labels = torch.tensor([0, 1, 4])
-    denoiser = sample.guided_denoiser(net, labels, 10, shift, w, (0.19, 1.61))
+    denoiser = losses.guided_denoiser(net, labels, 10, shift, w, (0.19, 1.61))
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     for sigma, inside in ((1.0, True), (1.61, True), (0.19, False), (3.0, False)):
         c_in = 1 / math.sqrt(sigma ** 2 + 0.25)
@@ -160,11 +162,11 @@ def test_data_clamp_bounds_each_channel_to_its_valid_range():
     import data
     lo, hi = data.data_range("imagenet")
     x = torch.linspace(-3, 3, 16).view(1, 1, 4, 4).repeat(2, 3, 1, 1)   # every channel spans [-3, 3]
-    clamped = sample.clamp_to(x, sample.clamp_range("data", "imagenet"))
+    clamped = losses.clamp_to(x, sample.clamp_range("data", "imagenet"))
     for c in range(3):
         assert clamped[:, c].min() >= lo[c] - 1e-7 and clamped[:, c].max() <= hi[c] + 1e-7
         assert math.isclose(clamped[:, c].max().item(), hi[c].item(), rel_tol=1e-6)
-    assert torch.equal(sample.clamp_to(x, sample.clamp_range("official")), x.clamp(-1, 1))
+    assert torch.equal(losses.clamp_to(x, sample.clamp_range("official")), x.clamp(-1, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,8 +195,8 @@ def test_image_i_is_the_same_at_batch_sizes_1_3_and_8(sampler, steps):
     labels = sample.class_labels("random", 8, 10, seed=3)
     results = []
     for batch in (1, 3, 8):
-        parts = [sample.generate(model, cfg, "diffusion", torch.arange(a, min(a + batch, 8)),
-                                 labels[a:a + batch], args, torch.device("cpu"), sample.contextlib.nullcontext, {})
+        parts = [sample.generate(model, cfg, torch.arange(a, min(a + batch, 8)),
+                                 labels[a:a + batch], args, torch.device("cpu"), contextlib.nullcontext, {})
                  for a in range(0, 8, batch)]
         results.append(torch.cat(parts))
     assert results[0].std() > 0.05
@@ -258,9 +260,9 @@ def test_npz_round_trip_in_adm_format(diffusion_ckpt, tmp_path):
     assert labels.dtype == np.int64 and labels.tolist() == [i * 10 // 6 for i in range(6)]
     # the same images computed here, from the EMA weights, converted as [-1, 1] -> [0, 255]
     args = sampler_args(seed=4, steps=3, cfg_scale=1.0)
-    expected = torch.cat([sample.generate(model, dict(image_size=16, num_classes=10), "diffusion", idx,
+    expected = torch.cat([sample.generate(model, dict(image_size=16, num_classes=10), idx,
                                           torch.from_numpy(labels)[idx], args, torch.device("cpu"),
-                                          sample.contextlib.nullcontext, {})
+                                          contextlib.nullcontext, {})
                           for idx in (torch.arange(0, 4), torch.arange(4, 6))])
     pixels = ((expected.permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
     assert np.abs(pixels.astype(int) - images.astype(int)).max() <= 1
@@ -280,7 +282,7 @@ def test_two_processes_give_the_same_samples_as_one(diffusion_ckpt, tmp_path, ru
     a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
     assert np.array_equal(a["arr_1"], b["arr_1"])
     assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
-    assert not [f for f in os.listdir(tmp_path / "two") if f.startswith(".shard")]
+    assert sorted(os.listdir(tmp_path / "two")) == ["grid.png", "samples.npz"]          # chunks and lock cleaned up
 
 
 # ----------------------------------------------------------------------------------------------------------------

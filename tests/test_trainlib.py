@@ -21,20 +21,69 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt.pt"]                          # no temporary file left behind
 
 
-def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 1})
-    before = open(path, "rb").read()
+FULL_DISK = """
+import os, resource, signal, sys, torch
+sys.path.insert(0, {root!r})
+import trainlib
+folder, limit = sys.argv[1], int(sys.argv[2])
+if limit:                                            # no small filesystem to mount: a file-size limit instead
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+path = os.path.join(folder, "ckpt_last.pt")
+trainlib.save_checkpoint(path, {{"stage": "pretrain", "config": {{}}, "step": 1, "w": torch.ones(20_000)}})
+try:
+    trainlib.save_checkpoint(path, {{"stage": "pretrain", "config": {{}}, "step": 2, "w": torch.ones(2_000_000)}})
+except trainlib.UserError as e:
+    print(e)
+    try:
+        trainlib.prepare_output(os.path.join(folder, "run"))    # the rerun's own write test on the full disk
+    except trainlib.UserError as e:
+        print(e)
+"""
 
-    def broken_save(obj, f):
-        f.write(b"partial garbage")
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(trainlib.UserError, match="previous checkpoint is intact"):
-        trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 2})
-    assert open(path, "rb").read() == before
-    assert os.listdir(tmp_path) == ["ckpt.pt"]
+def test_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path):
+    """A real full disk: a 1 MiB tmpfs where this process may mount one, else RLIMIT_FSIZE (SIGXFSZ ignored), so
+    that torch.save's zip writer fails as it does on a full disk (RuntimeError, not OSError)."""
+    import subprocess
+    import sys
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run([sys.executable, "-c", FULL_DISK.format(root=root), str(folder),
+                                 "0" if mounted else str(1 << 20)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "could not write checkpoint" in result.stdout and "previous checkpoint is intact" in result.stdout
+        state = trainlib.load_checkpoint(str(folder / "ckpt_last.pt"))
+        assert state["step"] == 1 and torch.equal(state["w"], torch.ones(20_000))
+        leftovers = [n for n in os.listdir(folder) if ".tmp-" in n or ".write-test-" in n]
+        leftovers += [n for n in os.listdir(folder / "run") if ".write-test-" in n] if (folder / "run").exists() else []
+        assert leftovers == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)])
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {root!r}); import trainlib; "
+                               f"trainlib.prepare_output({str(tmp_path / 'out')!r}); print('locked', flush=True); "
+                               f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(trainlib.UserError, match=f"in use by another run .*pid {holder.pid}"):
+            trainlib.prepare_output(str(tmp_path / "out"))
+    finally:
+        holder.kill()
+        holder.wait()
+    trainlib.prepare_output(str(tmp_path / "out"))                    # the holder died: its lock is taken over
+    assert f"dead run (pid {holder.pid})" in capsys.readouterr().err
+    assert open(tmp_path / "out" / ".lock").read().split()[1] == str(os.getpid())
 
 
 def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
@@ -95,7 +144,7 @@ def test_unwritable_output_dir_is_reported(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(trainlib.UserError, match="not writable"):
-        trainlib.check_output_dir(str(blocker / "sub"))
+        trainlib.prepare_output(str(blocker / "sub"))
 
 
 def test_step_generators_are_reproducible_and_distinct():

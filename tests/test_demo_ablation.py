@@ -1,10 +1,10 @@
-"""ablation.py's held-out score (eq. 1 with Table 9's weighting on the validation split), against a closed form:
+"""demo.py --ablation's held-out score (eq. 1 with Table 9's weighting on the validation split), against a closed form:
 a freshly initialised EPG outputs exactly zero (adaLN-Zero, zero output layer), so with a noise proposal of zero
 spread (t = exp(p_mean), snapped to the Karras grid) the loss is w * mean(x0^2) with w = 1 / (t_n - t_{n+1})."""
 import numpy as np
 import torch
 
-import ablation
+import demo
 import data
 import models
 
@@ -17,7 +17,7 @@ def test_heldout_loss_of_a_zero_model_is_the_weighted_data_energy(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"stage": "diffusion", "config": config, "step": 1, "model": model.state_dict(),
                 "ema": model.state_dict(), "optimizer": {}}, path)
-    result = ablation.heldout_denoising_loss(str(path), images=20, batch=8)
+    result = demo.heldout_denoising_loss(str(path), images=20, batch=8)
 
     # the Karras grid of eq. 10 written out with numpy: sigma_min 0.002, sigma_max 80, rho 7, N = 1280
     i = np.arange(1281, dtype=np.float64)
