@@ -97,7 +97,8 @@ def clamp_range(mode, normalize="simple"):
 
 def load_generator(path, weights="ema"):
     """(EPG in eval mode with the chosen weights, checkpoint config, stage) of a fine-tuning checkpoint. Only the
-    chosen weights are read (memory-mapped): the optimiser state and the other weights stay on disk."""
+    chosen weights are read (memory-mapped, and used in place): the optimiser state and the other weights stay on
+    disk, so a process needs about the size of the EMA weights in host memory (BENCHMARKS.md)."""
     state = trainlib.load_checkpoint(path, mmap=True)
     stage, cfg = state["stage"], state["config"]
     if stage == "pretrain":
@@ -106,9 +107,10 @@ def load_generator(path, weights="ema"):
     key = "ema" if weights == "ema" else "model"
     if key not in state:
         raise trainlib.UserError(f"'{path}' holds no {key!r} weights; use --weights online")
-    model = models.build_epg(cfg["model"], cfg["image_size"], cfg["num_classes"])
+    with torch.device("meta"):                     # no memory: the weights are the checkpoint's mapped tensors
+        model = models.build_epg(cfg["model"], cfg["image_size"], cfg["num_classes"])
     try:
-        model.load_state_dict(state[key])
+        model.load_state_dict(state[key], assign=True)
     except RuntimeError as e:
         raise trainlib.UserError(f"'{path}': the {key} weights do not match EPG-{cfg['model']} "
                                  f"({str(e).splitlines()[0]})") from None

@@ -177,17 +177,15 @@ def test_resume_after_kill_equals_uninterrupted_bitwise(rcm_path, uninterrupted,
     cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "ckpt_0000002.pt").exists():
-            break
-        time.sleep(0.05)
-    killed_mid_run = proc.poll() is None
+    while time.time() < deadline and proc.poll() is None and not (out / "ckpt_0000001.pt").exists():
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if killed_mid_run:
-        assert load(out / "ckpt_last.pt")["step"] < 4
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: resume was not exercised"
+    killed_at = load(out / "ckpt_last.pt")["step"]
+    assert 1 <= killed_at < 4
     r = train(*args)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and f"at step {killed_at}" in r.stdout, r.stderr
     a, b = load(uninterrupted / "ckpt_last.pt"), load(out / "ckpt_last.pt")
     assert a["step"] == b["step"] == 4
     for part in ("model", "ema"):
