@@ -67,7 +67,8 @@ RESUME_KEYS = ("model", "image_size", "batch_size", "data_id", "seed", "normaliz
 
 
 def parse_args(argv=None):
-    p = trainlib.parser("RCM pre-training, stage 1 of EPG (paper §3.2, Table 10).", CONFIG)
+    p = trainlib.parser("RCM pre-training, stage 1 of EPG (paper §3.2, Table 10). --lr is the rate at batch 1024, "
+                        "scaled linearly with --batch-size (B.2).", CONFIG)
     p.add_argument("--betas", type=float, nargs=2, default=CONFIG["betas"], metavar=("BETA1", "BETA2"), help="AdamW betas")
     p.add_argument("--warmup", type=int, default=CONFIG["warmup"], help="linear lr warm-up steps before the cosine")
     p.add_argument("--momentum", type=float, default=CONFIG["momentum"], help="EMA rate of the momentum encoder")
@@ -237,7 +238,8 @@ def main(argv=None):
         rcm.load_state_dict(resume["model"])
         momentum.load_state_dict(resume["momentum"])
         step = resume["step"]
-    rcm.to(device), momentum.to(device)
+    rcm.to(device)
+    momentum.to(device)
     optimizer = trainlib.adamw(rcm, lr, tuple(args.betas), args.weight_decay, device=device)  # all decayed
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
