@@ -19,15 +19,25 @@ before every clock reading.
     python bench.py --stage diffusion --model XL --batch-size 64                    # one H100/H200
     python bench.py --stage all --model T --device cpu --batch-size 8 --iters 3     # CPU smoke run
     python bench.py ... --record                                                    # append rows to BENCHMARKS.md
+
+Without a GPU: `--stage data` times the data loader on one CPU core (ms per sample and the cores per GPU the speed
+targets need); `--memory` estimates the memory per GPU of every paper configuration at 128 images per GPU.
 """
 import argparse
 import copy
 import datetime
+import functools
+import os
+import statistics
 import subprocess
+import tempfile
 import time
+from unittest import mock
 
 import torch
+from PIL import Image
 
+import data
 import losses
 import models
 import trainlib
@@ -183,9 +193,132 @@ def bench(stage, args, device, peak):
                 peak_mem_gb=trainlib.peak_memory_gb(device))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Data loading: CPU time per sample of the loader's real path, and the cores per GPU the speed targets need
+# ----------------------------------------------------------------------------------------------------------------
+H100_PEAK = 989e12                  # dense bf16 FLOP/s of an H100 SXM (an H200 has the same)
+
+
+def data_seconds(views, image_size=256, images=32, repeats=3):
+    """CPU seconds per sample (median of `repeats`) of a BatchStream item from an image folder: the PNG decode of
+    data.ImageFolder (files stored as `data.py prepare` writes them) and data.augment(views)."""
+    shapes = data.EmbeddedShapes(image_size=image_size, length=images)
+    with tempfile.TemporaryDirectory() as root:
+        for i in range(images):
+            image, label = shapes[i]
+            os.makedirs(os.path.join(root, str(label)), exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(root, str(label), f"{i}.png"),
+                                                                 compress_level=0)
+        folder = data.ImageFolder(root, image_size)
+        data.augment(folder[0][0], 0, views)                     # builds the transforms once
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            for i in range(images):
+                data.augment(data.load_item(folder, i)[0], i, views)
+            times.append((time.process_time() - start) / images)
+    return statistics.median(times)
+
+
+def data_report():
+    flops = lambda kind, name: forward_flops(models.build_on_meta(kind, name, 256), 256)
+    targets = [("pretrain", "RCM-B/16 pre-training target", 750),
+               ("finetune", "EPG-XL/16 diffusion at 55% MFU", 0.55 * H100_PEAK / (3 * flops("epg", "XL"))),
+               ("finetune", "EPG-L/16 consistency at 50% MFU",
+                0.50 * H100_PEAK / (4 * flops("epg", "L") + 3 * flops("rcm", "L")))]
+    seconds = {views: data_seconds(views) for views in ("pretrain", "finetune")}
+    print("data loading at 256x256, CPU time per sample on one thread (median of 3)")
+    for views, what in (("pretrain", "decode + both MoCo v3 views + clean image"), ("finetune", "decode + flip")):
+        print(f"  {views}: {1e3 * seconds[views]:.2f} ms per sample ({what})")
+    for views, target, images_per_s in targets:
+        print(f"  {target}: {images_per_s:.0f} img/s per GPU -> {images_per_s * seconds[views]:.1f} CPU cores per GPU")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory per GPU at the paper's batch sizes, estimated on the CPU
+# ----------------------------------------------------------------------------------------------------------------
+PAPER_RUNS = (("pretrain", "B", 256), *(("diffusion", m, 256) for m in ("S", "B", "L", "XL", "XXL", "G")),
+              ("consistency", "L", 256), ("diffusion", "L", 512))
+GPU_BYTES = {"80 GB": 80e9, "141 GB": 141e9}
+
+
+class _Saved(Exception):
+    """Raised by the first unpack of a step's backward: every tensor of the step has been saved by then."""
+
+
+@functools.lru_cache(maxsize=None)
+def saved_bytes(stage, model, image_size, batch, depth):
+    """Bytes that one step of `stage` (STAGES) saves for backward under bf16 autocast on the CPU, each storage
+    counted once, parameters not counted; `model` with `depth` encoder and decoder blocks (same widths).
+    Only the passes with gradient save tensors; the step is stopped where its backward begins."""
+    args = argparse.Namespace(model=model, image_size=image_size, batch_size=batch, compile=False)
+    with mock.patch.dict(models.MODEL_CONFIGS[model], depth=depth):
+        step, _ = STAGES[stage](args, torch.device("cpu"))
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def unpack(t):
+        raise _Saved
+
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            step()
+    except _Saved:
+        return sum(storages.values())
+    raise RuntimeError(f"the {stage} step ran no backward")
+
+
+def activation_bytes(stage, model, image_size, batch):
+    """Saved-for-backward bytes of one step at `batch` images and the model's depth, extrapolated from four
+    measurements at 1 and 2 images (2 and 3 for pre-training, whose BatchNorm needs two) and at 1 and 2 blocks
+    (paper-size models are too slow on a CPU). Exact for bytes of the form a + b*batch + c*depth + d*batch*depth:
+    activations per image and block, bf16 weight copies per block, embeddings and losses."""
+    (b1, b2), (d1, d2) = ((2, 3) if stage == "pretrain" else (1, 2)), (1, 2)
+    m = {(b, d): saved_bytes(stage, model, image_size, b, d) for b in (b1, b2) for d in (d1, d2)}
+    u, v = (batch - b1) / (b2 - b1), (models.model_config(model)["depth"] - d1) / (d2 - d1)
+    return round((1 - u) * (1 - v) * m[b1, d1] + u * (1 - v) * m[b2, d1] + (1 - u) * v * m[b1, d2]
+                 + u * v * m[b2, d2])
+
+
+def estimate_memory(stage, model, image_size=256, per_gpu_batch=128):
+    """Bytes per GPU of a training step of `stage`: fp32 parameters, gradients and AdamW's two moments of the trained
+    network, its fp32 copies (EMA; pre-training: the momentum RCM; consistency: the EMA and the frozen RCM W) and
+    the activations of one step under bf16 autocast (activation_bytes). -> dict of bytes, with their "total"."""
+    count = lambda kind: models.count_params(models.build_on_meta(kind, model, image_size))
+    n = count("rcm" if stage == "pretrain" else "epg")
+    copies = n + (count("rcm") if stage == "consistency" else 0)
+    parts = dict(params=4 * n, grads=4 * n, adamw=8 * n, copies=4 * copies,
+                 activations=activation_bytes(stage, model, image_size, per_gpu_batch))
+    return {**parts, "total": sum(parts.values())}
+
+
+def fitting_micro_batch(stage, model, image_size, per_gpu_batch, capacity):
+    """The largest divisor of per_gpu_batch whose step fits in `capacity` bytes (estimate_memory), 0 if none does."""
+    return next((m for m in range(per_gpu_batch, 0, -1) if per_gpu_batch % m == 0
+                 and estimate_memory(stage, model, image_size, m)["total"] <= capacity), 0)
+
+
+def memory_report(per_gpu_batch=128):
+    print(f"memory per GPU at {per_gpu_batch} images per GPU, GiB (estimate; BENCHMARKS.md)")
+    print("| stage | model | params | grads | AdamW | EMA/momentum/W | activations | total | "
+          + " | ".join(f"fits in {name}?" for name in GPU_BYTES) + " |")
+    for stage, model, size in PAPER_RUNS:
+        parts = estimate_memory(stage, model, size, per_gpu_batch)
+        micro = [fitting_micro_batch(stage, model, size, per_gpu_batch, capacity) for capacity in GPU_BYTES.values()]
+        fits = ["yes" if m == per_gpu_batch else f"--micro-batch {m}" if m else "no" for m in micro]
+        name = f"{'RCM' if stage == 'pretrain' else 'EPG'}-{model}/{models.patch_size_for(model, size)} @{size}"
+        print(f"| {stage} | {name} | " + " | ".join(f"{b / 2 ** 30:.1f}" for b in parts.values())
+              + f" | {' | '.join(fits)} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="which stage to time")
+    p.add_argument("--stage", choices=(*STAGES, "all", "data"), default="all",
+                   help="which stage to time; data: the data loader's CPU time per sample (no GPU)")
     p.add_argument("--model", default="B", help="model size (T, S, B, L, XL, XXL, G)")
     p.add_argument("--image-size", type=int, default=None, help="none: 256 (32 for T)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step on this device")
@@ -195,7 +328,11 @@ def main():
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile (default: on for CUDA)")
     p.add_argument("--record", action="store_true", help="append the results as rows of BENCHMARKS.md")
+    p.add_argument("--memory", action="store_true", help="estimate the memory per GPU of the paper's runs (no GPU)")
     args = p.parse_args()
+    if args.memory or args.stage == "data":
+        torch.set_num_threads(1)
+        return memory_report() if args.memory else data_report()
     args.image_size = args.image_size or (32 if args.model == "T" else 256)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

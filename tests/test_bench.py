@@ -28,3 +28,26 @@ def test_flop_accounting():
     assert bench.diffusion_stage(args, device)[1] == 3 * epg          # forward + backward (2x forward)
     assert bench.pretrain_stage(args, device)[1] == 12 * enc
     assert bench.consistency_stage(args, device)[1] == 4 * epg + 3 * enc
+
+
+def test_memory_of_parameters_and_optimiser():
+    # RCM-T at 16^2 by hand: width 128, depth 4, MLP 512, 2x2 patches -> 64 tokens + [CLS] + [time]; projector
+    # 128 -> 512 -> 512 -> 128 without biases, BatchNorm (weight, bias) after the first two layers
+    D, tokens, hidden, out = 128, 64, 512, 128
+    block = 2 * D + 3 * D * D + (D * D + D) + 2 * D + (D * 4 * D + 4 * D) + (4 * D * D + D)
+    encoder = (3 * 2 * 2 * D + D) + D + (2 + tokens) * D + 4 * block + 2 * D
+    n = encoder + D * hidden + 2 * hidden + hidden * hidden + 2 * hidden + hidden * out
+    assert n == models.count_params(models.build_rcm("T", 16))
+    m = bench.estimate_memory("pretrain", "T", 16, per_gpu_batch=4)
+    assert m["params"] + m["grads"] + m["adamw"] == 16 * n and m["copies"] == 4 * n       # + the momentum RCM
+    assert m["total"] == sum(m.values()) - m["total"] and m["activations"] > 0
+
+
+def test_activation_bytes_linear_in_batch_and_depth():
+    one, two, three = (bench.saved_bytes("diffusion", "T", 16, b, 4) for b in (1, 2, 3))
+    assert 0 < two - one == three - two
+    # extrapolated from 1-2 images and 1-2 blocks = measured at 6 images and full depth (exactly, but for the
+    # NT-Xent logits of the contrastive stages, batch x batch)
+    assert bench.activation_bytes("diffusion", "T", 16, 6) == bench.saved_bytes("diffusion", "T", 16, 6, 4)
+    for stage in ("pretrain", "consistency"):
+        assert abs(bench.activation_bytes(stage, "T", 16, 6) / bench.saved_bytes(stage, "T", 16, 6, 4) - 1) < 1e-4
