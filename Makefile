@@ -1,11 +1,12 @@
 # make demo  : create .venv, install, run the whole pipeline at tiny size on CPU (embedded data set)
 # make test  : create .venv if needed, install, run the test suite
+# make gpu-check : on a GPU machine, prove the GPU path in one short run at paper sizes (gpu_check.py; tiny on CPU)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-requirements
 
-.PHONY: test demo venv clean-venv
+.PHONY: test demo gpu-check venv clean-venv
 
 venv: $(STAMP)
 
@@ -19,6 +20,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) demo.py
+
+gpu-check: $(STAMP)
+	$(PY) gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

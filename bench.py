@@ -321,7 +321,8 @@ def main():
                    help="which stage to time; data: the data loader's CPU time per sample (no GPU)")
     p.add_argument("--model", default="B", help="model size (T, S, B, L, XL, XXL, G)")
     p.add_argument("--image-size", type=int, default=None, help="none: 256 (32 for T)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step on this device")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step on this device (none: 64; with --memory, images per GPU, none: 128)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -332,7 +333,8 @@ def main():
     args = p.parse_args()
     if args.memory or args.stage == "data":
         torch.set_num_threads(1)
-        return memory_report() if args.memory else data_report()
+        return memory_report(args.batch_size or 128) if args.memory else data_report()
+    args.batch_size = args.batch_size or 64
     args.image_size = args.image_size or (32 if args.model == "T" else 256)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
