@@ -1,4 +1,4 @@
-"""bench.py on CPU: every stage runs, and the FLOP accounting matches the paper's sampler and hand-counted steps."""
+"""bench.py on CPU (tests/test_gpu_check.py runs every stage end to end): the FLOP accounting matches the paper's sampler and hand-counted steps."""
 import argparse
 
 import torch
@@ -9,13 +9,6 @@ import models
 
 def tiny_args(**kw):
     return argparse.Namespace(model="T", image_size=16, batch_size=2, iters=1, warmup=0, compile=False, **kw)
-
-
-def test_every_stage_runs_on_cpu():
-    device = torch.device("cpu")
-    for stage in bench.STAGES:
-        r = bench.bench(stage, tiny_args(), device, peak=1e12)
-        assert r["images_per_s"] > 0 and r["tflops"] > 0 and 0 < r["mfu"] < 100
 
 
 def test_flop_accounting():

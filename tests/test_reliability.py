@@ -453,7 +453,7 @@ def metrics_steps(out):
 def test_sigterm_saves_the_current_step_and_the_rerun_continues_bitwise(name, files, tmp_path, monkeypatch, capsys):
     """A real SIGTERM (what SLURM and Kubernetes send) mid-run: exit 143 with a message, ckpt_last.pt at the step
     reached, and the rerun ends bitwise where the uninterrupted run ends, with no step logged twice."""
-    script, steps = TRAINERS[name], 60
+    script, steps = TRAINERS[name], 30
     args = base_args(script, files) + ["--steps", steps, "--ckpt-every", 1000]
     code, _, err = cli(monkeypatch, capsys, script, args + ["--out", tmp_path / "straight"])
     assert code == 0, err[-2000:]
