@@ -8,7 +8,9 @@ consistency sampling (paper §4 "Evaluation"; the samplers themselves are in los
     D = clamp(D_u + w (D_c - D_u)) inside the interval, D_c outside
 
 The grid has no final sigma = 0 (as the official code): 32 Heun steps cost 62 conditional evaluations (+12
-unconditional ones with CFG). Guidance acts where 0.19 < sigma~ / s <= 1.61 (unshifted interval, paper §4).
+unconditional ones with CFG). Guidance acts where 0.19 < sigma~ / s <= 1.61 (unshifted interval, paper §4); a
+checkpoint may record other defaults (the tiny T preset: CFG 4.0 on every level, as at 32^2 the paper's interval
+guides only sigma~ <= 0.8); flags override them.
 
 Image i draws its noise from a generator seeded by (seed, i) and its label from one stream over all images, so it is
 the same whatever the batch size or number of processes. Images are drawn in chunks of --batch-size, written to
@@ -152,7 +154,8 @@ def parse_args(argv=None):
                    help="guidance scale w of D_u + w (D_c - D_u); 1 = off (none: the checkpoint's recorded "
                         f"sampling default, else {CONFIG['cfg_scale']})")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help=f"guide only where LO < sigma/s <= HI, unshifted sigma (none: {CONFIG['cfg_interval']})")
+                   help="guide only where LO < sigma/s <= HI, unshifted sigma (none: the checkpoint's recorded "
+                        f"sampling default, else {CONFIG['cfg_interval']})")
     p.add_argument("--mid-sigma", type=float, default=CONFIG["mid_sigma"],
                    help="unshifted intermediate level of two-step consistency sampling")
     p.add_argument("--labels", default="random",
