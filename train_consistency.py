@@ -69,9 +69,6 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="RCM checkpoint of pretrain.py: encoder init and auxiliary network W")
     p.add_argument("--from-scratch", action="store_true",
                    help="random encoder, no pre-training (Table 6 ablation; 'NaN' in the paper)")
-    p.add_argument("--init-diffusion", default=None,
-                   help="start f_theta from the EMA weights of a train_diffusion.py checkpoint (ECT's start, not "
-                        "the paper's; make demo), W still from --init")
     p.add_argument("--aux-ckpt", default=None, help="RCM checkpoint for W of eq. 9 (none: --init)")
     p.add_argument("--aux-weight", type=float, default=CONFIG["aux_weight"], help="weight of eq. 9 (0: off)")
     p.add_argument("--aux-tau", type=trainlib.positive_float, default=CONFIG["aux_tau"], help="temperature of eq. 9")
@@ -156,18 +153,6 @@ def main(argv=None):
             models.load_encoder_from_rcm(model, rcm["model"])
         except ValueError as e:
             raise trainlib.UserError(f"--init {args.init} does not fit EPG-{args.model} at {args.image_size}px: {e}") from None
-    if args.init_diffusion and resume is None:                # ECT's start: the whole network of a diffusion run
-        dm = trainlib.load_checkpoint(args.init_diffusion, "diffusion")
-        if dm["config"].get("normalize") != args.normalize:
-            raise trainlib.UserError(f"--init-diffusion {args.init_diffusion} was trained with --normalize "
-                                     f"{dm['config'].get('normalize')}, this run uses {args.normalize}; pass "
-                                     f"--normalize {dm['config'].get('normalize')} or the diffusion run's --init")
-        try:
-            model.load_state_dict(dm["ema"])
-        except RuntimeError as e:
-            raise trainlib.UserError(f"--init-diffusion {args.init_diffusion} does not fit EPG-{args.model} at "
-                                     f"{args.image_size}px ({str(e).splitlines()[0]})") from None
-        log(f"f_theta starts from the diffusion EMA of {args.init_diffusion} (step {dm['step']})")
     W = aux_network(args, rcm, log)
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "consistency", "num_classes": num_classes, "patch_size": patch_size,
