@@ -140,8 +140,9 @@ class EmbeddedShapes(torch.utils.data.Dataset):
     """The default data set, drawn in code: deterministic per (seed, split, index); returns (uint8 (3, H, W), label).
 
     Item i shows shape i % 10 (every prefix of 10 items is balanced) with a random colour (hue around a class centre,
-    overlapping between classes), size (radius 22-38 % of the image), position, rotation, background (flat, gradient,
-    smooth colour noise or soft stripes) and a little pixel noise.  Shapes are drawn 4x (2x above 64 px) larger and
+    overlapping between classes), size (radius 30-40 % of the image), position (centre within +-8 % of the middle),
+    a rotation of at most 15 degrees, background (flat, gradient, smooth colour noise or soft stripes) and a little
+    pixel noise.  Shapes are drawn 4x (2x above 64 px) larger and
     box-downsampled (anti-aliased at every resolution).  The split is part of the seed, so train and val differ.
     """
 
@@ -193,12 +194,11 @@ class EmbeddedShapes(torch.utils.data.Dataset):
         return first + weight[..., None] * (second - first)
 
     def _shape_mask(self, rng, shape):
-        """(H, W) float32 coverage in [0, 1] of one shape with random size, position and rotation."""
+        """(H, W) float32 coverage in [0, 1] of one shape with random size, position and a small rotation."""
         big = self.image_size * self.supersample
-        radius = rng.uniform(0.22, 0.38)
-        slack = 0.48 - radius  # keeps the whole shape inside the image
-        centre = 0.5 + rng.uniform(-slack, slack, size=2)
-        angle = rng.uniform(0.0, 2.0 * math.pi)
+        radius = rng.uniform(0.30, 0.40)
+        centre = 0.5 + rng.uniform(-0.08, 0.08, size=2)  # 0.48 - radius >= 0.08 keeps the whole shape inside
+        angle = math.radians(rng.uniform(-15.0, 15.0))  # small: each class keeps its orientation
         cx, cy, r = centre[0] * big, centre[1] * big, radius * big
         mask = Image.new("L", (big, big), 0)
         draw = ImageDraw.Draw(mask)
@@ -515,7 +515,7 @@ class BatchStream:
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Change CLASSIFIER_VERSION whenever the classifier or its training changes (it is the cache key).
-CLASSIFIER_VERSION, CLASSIFIER_RESOLUTION = "v1", 32  # larger inputs are area-downsampled to 32x32
+CLASSIFIER_VERSION, CLASSIFIER_RESOLUTION = "v2", 32  # larger inputs are area-downsampled to 32x32
 CLASSIFIER_TRAIN_IMAGES, CLASSIFIER_EPOCHS, CLASSIFIER_BATCH, CLASSIFIER_LR = 8000, 6, 128, 8e-3
 METRIC_NAMES = {"fd_ref": "FD_ref (reference classifier, NOT comparable to Inception FID)",
                 "class_acc": "Class accuracy", "val_acc": "Reference classifier val accuracy"}

@@ -53,11 +53,12 @@ CONFIG = dict(
     ckpt_every=1000, keep_every=50_000, log_every=100,
 )
 PRESETS = {
-    # a 2-core CPU: minutes instead of 156 H200-hours. The lr drops at 4/7 and 5/7 of --steps, the paper's
-    # proportions; the ECT stage interval stays 100k steps, so a CPU run stays in stage 1 (squeezing the 7 stages
-    # into a short run made the tiny model worse, BENCHMARKS.md)
-    "T": dict(image_size=32, batch_size=32, steps=1200, lr=5e-4, lr_milestones=[4 / 7, 5 / 7], ema=0.995,
-              ckpt_every=200, keep_every=0, log_every=25),
+    # a 2-core CPU: minutes instead of 156 H200-hours. A constant lr without dropout, and t's proposal centred
+    # higher, as for the tiny diffusion model (the shift s = 0.5 halves every level; BENCHMARKS.md, "A demo that
+    # draws its classes"); the ECT stage interval stays 100k steps, so a CPU run stays in stage 1 (squeezing the 7
+    # stages into a short run made the tiny model worse)
+    "T": dict(image_size=32, batch_size=32, steps=1200, lr=5e-4, lr_milestones=[], lr_factors=[], ema=0.995,
+              dropout=0.0, p_mean=1.2, ckpt_every=200, keep_every=0, log_every=25),
 }
 RESUME_KEYS = ("model", "image_size", "batch_size", "data_id", "seed", "normalize", "from_scratch", "dropout",
                "aux_weight", "aux_features", "aux_tau", "stage_interval", "huber_c", "p_mean", "p_std",
@@ -69,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="RCM checkpoint of pretrain.py: encoder init and auxiliary network W")
     p.add_argument("--from-scratch", action="store_true",
                    help="random encoder, no pre-training (Table 6 ablation; 'NaN' in the paper)")
+    p.add_argument("--init-diffusion", default=None,
+                   help="start f_theta from the EMA weights of a train_diffusion.py checkpoint (ECT's start, not "
+                        "the paper's; make demo), W still from --init")
     p.add_argument("--aux-ckpt", default=None, help="RCM checkpoint for W of eq. 9 (none: --init)")
     p.add_argument("--aux-weight", type=float, default=CONFIG["aux_weight"], help="weight of eq. 9 (0: off)")
     p.add_argument("--aux-tau", type=trainlib.positive_float, default=CONFIG["aux_tau"], help="temperature of eq. 9")
@@ -153,6 +157,18 @@ def main(argv=None):
             models.load_encoder_from_rcm(model, rcm["model"])
         except ValueError as e:
             raise trainlib.UserError(f"--init {args.init} does not fit EPG-{args.model} at {args.image_size}px: {e}") from None
+    if args.init_diffusion and resume is None:                # ECT's start: the whole network of a diffusion run
+        dm = trainlib.load_checkpoint(args.init_diffusion, "diffusion")
+        if dm["config"].get("normalize") != args.normalize:
+            raise trainlib.UserError(f"--init-diffusion {args.init_diffusion} was trained with --normalize "
+                                     f"{dm['config'].get('normalize')}, this run uses {args.normalize}; pass "
+                                     f"--normalize {dm['config'].get('normalize')} or the diffusion run's --init")
+        try:
+            model.load_state_dict(dm["ema"])
+        except RuntimeError as e:
+            raise trainlib.UserError(f"--init-diffusion {args.init_diffusion} does not fit EPG-{args.model} at "
+                                     f"{args.image_size}px ({str(e).splitlines()[0]})") from None
+        log(f"f_theta starts from the diffusion EMA of {args.init_diffusion} (step {dm['step']})")
     W = aux_network(args, rcm, log)
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "consistency", "num_classes": num_classes, "patch_size": patch_size,
@@ -179,8 +195,8 @@ def main(argv=None):
     if env.main:
         trainlib.write_json(os.path.join(args.out, "config.json"), config)
     log(f"EPG-{args.model}/{patch_size} at {args.image_size}px, shift s = {shift:g}, {env.world} process(es) on "
-        f"{device}, batch {args.batch_size} = {env.world} x {accum} x {micro}; lr {args.lr} (x {args.lr_factors} from "
-        f"{args.lr_milestones}), EMA {args.ema}, dropout {args.dropout}, {args.steps} steps; auxiliary loss "
+        f"{device}, batch {args.batch_size} = {env.world} x {accum} x {micro}; lr {args.lr} "
+        f"({f'x {args.lr_factors} from {args.lr_milestones}' if args.lr_milestones else 'constant'}), EMA {args.ema}, dropout {args.dropout}, {args.steps} steps; auxiliary loss "
         + (f"weight {args.aux_weight}, tau {args.aux_tau}, {args.aux_features}" if W is not None else "off"))
 
     batches = iter(data.BatchStream(dataset, args.batch_size, env.rank, env.world, args.seed, views="finetune",

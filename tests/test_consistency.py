@@ -331,7 +331,23 @@ def test_paper_model_defaults_are_tables_9_and_11_and_flags_override_the_noise_p
     assert (args.batch_size, args.steps, args.lr, args.ema, args.dropout) == (1024, 700_000, 1e-4, 0.9999, 0.5)
     assert tuple(args.betas) == (0.9, 0.99) and tuple(args.lr_milestones) == (400_000, 500_000)   # Table 11
     assert (args.p_mean, args.p_std, args.image_size) == (-0.4, 1.6, 256)                          # Table 9
-    tiny = tc.parse_args(["--model", "T", "--p-mean", "1.2", "--p-std", "1.0"])
-    assert (tiny.p_mean, tiny.p_std) == (1.2, 1.0)
-    assert tiny.lr_milestones == [686, 857] and tiny.stage_interval == 100_000       # 4/7, 5/7 of 1200 steps
-    assert tc.parse_args(["--model", "T", "--steps", "7000"]).lr_milestones == [4000, 5000]
+    tiny = tc.parse_args(["--model", "T", "--p-mean", "2.0", "--p-std", "1.0"])
+    assert (tiny.p_mean, tiny.p_std) == (2.0, 1.0)
+    assert tiny.lr_milestones == [] and tiny.stage_interval == 100_000
+    assert tc.parse_args(["--steps", "7000", "--lr-milestones", "0.5", "--lr-factors", "0.3"]).lr_milestones == [3500]
+
+
+def test_init_diffusion_starts_f_theta_from_the_diffusion_ema(tmp_path, rcm_ckpt):
+    """ECT's start (make demo): --init-diffusion loads a diffusion checkpoint's EMA weights into f_theta. With the lr
+    at zero from step 0, one step leaves the network as loaded: every tensor equals the diffusion EMA's."""
+    ema = randomize(models.build_epg("T", SIZE, num_classes=10), seed=3).state_dict()
+    dm = str(tmp_path / "dm.pt")
+    trainlib.save_checkpoint(dm, {"stage": "diffusion", "config": {"model": "T", "image_size": SIZE,
+                                                                   "normalize": "simple"},
+                                  "step": 7, "model": ema, "ema": ema})
+    args = tiny_args(tmp_path / "cm", rcm_ckpt, 1)
+    args[args.index("--lr-factors") + 1] = "0"
+    args[args.index("--lr-milestones") + 1] = "0"
+    tc.main(args + ["--init-diffusion", dm])
+    model = trainlib.load_checkpoint(str(tmp_path / "cm" / "ckpt_last.pt"), "consistency")["model"]
+    assert model.keys() == ema.keys() and all(torch.equal(model[k], ema[k]) for k in ema)
