@@ -142,8 +142,8 @@ class EmbeddedShapes(torch.utils.data.Dataset):
     Item i shows shape i % 10 (every prefix of 10 items is balanced) with a random colour (hue around a class centre,
     overlapping between classes), size (radius 30-40 % of the image), position (centre within +-8 % of the middle),
     a rotation of at most 15 degrees, background (flat, gradient, smooth colour noise or soft stripes) and a little
-    pixel noise.  Shapes are drawn 4x (2x above 64 px) larger and
-    box-downsampled (anti-aliased at every resolution).  The split is part of the seed, so train and val differ.
+    pixel noise.  Shapes are drawn 4x (2x above 64 px) larger and box-downsampled (anti-aliased at every
+    resolution).  The split is part of the seed, so train and val differ.
     """
 
     num_classes = 10

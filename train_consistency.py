@@ -194,9 +194,10 @@ def main(argv=None):
     rng_devices = [device.index] if device.type == "cuda" else []
     if env.main:
         trainlib.write_json(os.path.join(args.out, "config.json"), config)
+    schedule = f"x {args.lr_factors} from {args.lr_milestones}" if args.lr_milestones else "constant"
     log(f"EPG-{args.model}/{patch_size} at {args.image_size}px, shift s = {shift:g}, {env.world} process(es) on "
-        f"{device}, batch {args.batch_size} = {env.world} x {accum} x {micro}; lr {args.lr} "
-        f"({f'x {args.lr_factors} from {args.lr_milestones}' if args.lr_milestones else 'constant'}), EMA {args.ema}, dropout {args.dropout}, {args.steps} steps; auxiliary loss "
+        f"{device}, batch {args.batch_size} = {env.world} x {accum} x {micro}; lr {args.lr} ({schedule}), EMA "
+        f"{args.ema}, dropout {args.dropout}, {args.steps} steps; auxiliary loss "
         + (f"weight {args.aux_weight}, tau {args.aux_tau}, {args.aux_features}" if W is not None else "off"))
 
     batches = iter(data.BatchStream(dataset, args.batch_size, env.rank, env.world, args.seed, views="finetune",
