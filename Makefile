@@ -1,6 +1,6 @@
 # make demo  : create .venv, install, run the whole pipeline at tiny size on CPU (embedded data set)
 # make test  : create .venv if needed, install, run the test suite
-# make gpu-check : on a GPU machine, prove the GPU path in one short run at paper sizes (gpu_check.py; tiny on CPU)
+# make gpu-check : on a GPU machine, prove the GPU path in one short run at paper sizes (tools/gpu_check.py; tiny on CPU)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) demo.py
 
 gpu-check: $(STAMP)
-	$(PY) gpu_check.py
+	$(PY) tools/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,9 +1,10 @@
-"""What the three training scripts share: flags and presets, torch.distributed from the torchrun environment, random
-streams per step, atomic checkpoints, an output-directory lock, pre-emption, EMA, learning-rate schedules and logs.
+"""What the three training scripts share, so that each script holds its stage's algorithm and little else: flags
+generated from CONFIG, torch.distributed from the torchrun environment, random streams per step, the optimiser step
+with its non-finite policy, the metrics log, atomic checkpoints, an output-directory lock and pre-emption.
 
-Plain functions, no framework, no project imports. Determinism and resume: every random draw of a step comes from
-streams seeded by (seed, step, rank), and the data of step k is a function of (seed, k) (data.BatchStream); model,
-EMA/momentum, optimiser state and step are in the checkpoint, so a resumed run continues exactly as the
+Plain functions and two small classes, no project imports. Determinism and resume: every random draw of a step comes
+from streams seeded by (seed, step, rank), and the data of step k is a function of (seed, k) (data.BatchStream);
+model, EMA/momentum, optimiser state and step are in the checkpoint, so a resumed run continues exactly as the
 uninterrupted one would have.
 """
 import argparse
@@ -12,17 +13,23 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad flag, incompatible checkpoint, ...): printed as one line, exit code 2."""
+    """A problem the user can fix (bad flag, incompatible checkpoint, missing data, ...): one line, exit code 2."""
 
 
 class Preempted(Exception):
@@ -52,66 +59,92 @@ def cli_main(main, *user_errors):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line: one preset mechanism for every script
+# Command line: every CONFIG key is a flag, its CONFIG comment the help; PRESETS[--model] the one override
 # ----------------------------------------------------------------------------------------------------------------
-def positive_int(text):
-    if int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return int(text)
+RUN = dict(                    # flags of every training script that do not change what is learnt
+    data=None,                 # ImageFolder/ImageNet-layout directory (one subfolder per class); none: the embedded data set
+    seed=0,                    # seed of every random stream (data order, noise, init)
+    micro_batch=None,          # per-process batch of one forward/backward (gradient accumulation); none: no accumulation
+    device=None,               # cpu, cuda, cuda:N; none: cuda:LOCAL_RANK if available
+    compile=None,              # torch.compile every network pass; none: on for CUDA, off for CPU
+    num_workers=None,          # data loader workers per process; none: 0 on CPU, the cores per local GPU (<= 16) on CUDA
+    skip_nonfinite=False,      # skip optimiser steps whose loss or gradient is NaN/inf instead of stopping (a host sync per step)
+)
+RUN_TYPES = dict(micro_batch=int, num_workers=int, compile=bool)
+# keys that may change when a run is resumed (paths, cadences, machine); every other CONFIG key must match
+MAY_CHANGE = {*RUN, "out", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every", "log_every",
+              "probe_every", "probe_bank", "probe_queries", "sample_every", "sample_steps", "eval_samples", "steps"}
+POSITIVE = ("image_size", "batch_size", "steps", "lr", "ckpt_every", "log_every", "micro_batch", "sample_steps",
+            "probe_bank", "probe_queries", "p_std", "huber_c", "aux_tau", "ctr_tau", "tau1", "tau2", "stage_interval")
+NON_NEGATIVE = ("seed", "keep_every", "num_workers", "warmup", "probe_every", "sample_every", "eval_samples",
+                "grad_clip", "weight_decay", "proj_dim", "lrd")
+FRACTION = ("ema", "momentum", "label_dropout", "dropout")        # in [0, 1)
 
 
-def positive_float(text):
-    if not float(text) > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return float(text)
+def config_comments(path, name="CONFIG"):
+    """{key: comment} of the `NAME = dict(...)` block of a source file: a key's help is the comment of its line
+    (keys on one line share it), continued by comment-only lines below it."""
+    comments, keys, inside = {}, [], False
+    with open(path) as f:
+        for line in f:
+            code, _, comment = line.partition("#")
+            if not inside:
+                inside = code.strip() == f"{name} = dict("
+                continue
+            if code.strip() == ")":
+                break
+            found = re.findall(r"(\w+)=(?!=)", code)
+            keys = found or keys
+            for key in keys if comment.strip() else ():
+                comments[key] = f"{comments.get(key, '')} {comment.strip()}".strip()
+    return comments
 
 
-def parser(description, config):
-    """The flags every training script has, with the script's CONFIG values as defaults."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=config["model"], help="model size: T (tiny, CPU), S, B, L, XL, XXL, G")
-    p.add_argument("--data", default=None, help="ImageFolder/ImageNet-layout directory (one subfolder per class); "
-                   "none: the embedded data set, generated in code")
-    p.add_argument("--image-size", type=positive_int, default=config["image_size"], help="image resolution")
-    p.add_argument("--batch-size", type=positive_int, default=config["batch_size"],
-                   help="GLOBAL batch size (all processes and accumulation steps together)")
-    p.add_argument("--micro-batch", type=positive_int, default=None,
-                   help="per-process batch of one forward/backward (gradient accumulation); none: no accumulation")
-    p.add_argument("--steps", type=positive_int, default=config["steps"], help="total optimiser steps")
-    p.add_argument("--lr", type=positive_float, default=config["lr"], help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=config["weight_decay"], help="AdamW weight decay")
-    p.add_argument("--out", default=config["out"], help="output directory; a run in it is resumed")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random stream (data order, noise, init)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (none: cuda:LOCAL_RANK if available)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile every network pass (none: on for CUDA, off for CPU)")
-    p.add_argument("--ckpt-every", type=positive_int, default=config["ckpt_every"],
-                   help="write OUT/ckpt_last.pt every this many steps (and at the end)")
-    p.add_argument("--keep-every", type=int, default=config["keep_every"],
-                   help="also keep OUT/ckpt_<step>.pt every this many steps (0: never)")
-    p.add_argument("--log-every", type=positive_int, default=config["log_every"],
-                   help="append a line to OUT/metrics.jsonl every this many steps")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="data loader workers per process (none: 0 on CPU; on CUDA the cores per local GPU, at most 16)")
-    p.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip optimiser steps whose loss is NaN/inf instead of stopping (a host sync per step)")
-    return p
+def _add_flags(p, config, comments, types=None, choices=None):
+    for key, default in config.items():
+        kind = (types or {}).get(key) or (type(default[0]) if isinstance(default, list) and default else
+                                          float if isinstance(default, list) else type(default))
+        flag, extra = "--" + key.replace("_", "-"), {}
+        if kind is bool:
+            extra = dict(action=argparse.BooleanOptionalAction)
+        elif kind is dict:
+            extra = dict(type=json.loads, metavar="JSON")
+        else:
+            extra = dict(type=str if kind is type(None) else kind, nargs="*" if isinstance(default, list) else None)
+        p.add_argument(flag, default=default, help=comments.get(key, " ").replace("%", "%%"),
+                       choices=(choices or {}).get(key), **extra)
 
 
-def parse(p, argv, config, presets):
-    """Parse argv after applying presets[--model] (e.g. the CPU overrides of T) as defaults: an explicit flag wins,
-    an edit of CONFIG takes effect, and `--model T --help` shows the values a tiny run will use. CONFIG entries
-    without a flag become attributes too (and so enter the checkpoint's config)."""
-    flags = {action.dest for action in p._actions}
-    p.set_defaults(**{k: v for k, v in config.items() if k not in flags})
+def parse(path, config, presets, argv=None, choices=None, types=None):
+    """argparse over RUN and the script's CONFIG (help: the CONFIG comments of `path`), with presets[--model] (e.g.
+    the CPU overrides of T) applied as defaults: an explicit flag wins, an edit of CONFIG takes effect, and
+    `--model T --help` shows the values a tiny run will use. Ranges are checked here, with one-line errors."""
+    doc = sys.modules.get("__main__").__doc__ if os.path.abspath(sys.argv[0]) == os.path.abspath(path) else None
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_flags(p, config, config_comments(path), types, choices)
+    _add_flags(p, RUN, config_comments(__file__, "RUN"), RUN_TYPES)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", default=p.get_default("model"))
+    pre.add_argument("--model", default=config.get("model"))
     p.set_defaults(**presets.get(pre.parse_known_args(argv)[0].model, {}))
     args = p.parse_args(argv)
-    for flag in ("keep_every", "num_workers"):
-        if (getattr(args, flag) or 0) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 0")
+    bad = [f"--{k.replace('_', '-')} must be {rule}, got {getattr(args, k)}" for keys, rule, ok in (
+        (POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
+        (FRACTION, "in [0, 1)", lambda v: 0 <= v < 1)) for k in keys if getattr(args, k, None) is not None
+        and not ok(getattr(args, k))]
+    if bad:
+        raise UserError("; ".join(bad))
+    if len(getattr(args, "betas", (0, 0))) != 2:
+        raise UserError(f"--betas takes two values (beta1 beta2), got {args.betas}")
     return args
+
+
+def checked(fn, *args, context=""):
+    """fn(*args), its ValueError (a model that does not fit, ...) turned into a UserError with `context`."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise UserError(f"{context}{e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,6 +202,23 @@ def split_batch(global_batch, world, micro_batch=None):
     return local, micro, local // micro
 
 
+def micro_batches(net, local_batch, micro):
+    """(slice, context) of each micro-batch of a step: under DDP the gradients are all-reduced only in the last
+    backward (the others run under no_sync)."""
+    count = local_batch // micro
+    for m in range(count):
+        last = m == count - 1
+        yield slice(m * micro, (m + 1) * micro), (net.no_sync() if isinstance(net, DDP) and not last
+                                                  else contextlib.nullcontext())
+
+
+def ddp(module, env):
+    """`module` wrapped in DistributedDataParallel when there are several processes."""
+    if not env.distributed:
+        return module
+    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
 def all_reduce_mean(t):
     """Average a tensor over processes (in place); no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
@@ -185,6 +235,52 @@ def autocast(device):
 def compiled(fn, args, device):
     """torch.compile(fn) when --compile (default: on CUDA); fn itself otherwise."""
     return torch.compile(fn) if (args.compile if args.compile is not None else device.type == "cuda") else fn
+
+
+def to_device(batch, device):
+    """The tensors of a batch dict on `device` (asynchronous copies from pinned memory on CUDA)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch of all processes for CPU (gloo) process groups, where nn.SyncBatchNorm
+    cannot run; gradients flow through the differentiable all-reduce, as in SyncBatchNorm."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        count = dist_nn.all_reduce(x.new_full((1,), float(x.shape[0])))
+        mean = dist_nn.all_reduce(x.sum(dim=0)) / count
+        var = dist_nn.all_reduce((x - mean).pow(2).sum(dim=0)) / count                   # biased, as BatchNorm
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), self.momentum)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def sync_batchnorm(module, env):
+    """BatchNorm with global-batch statistics under DDP (nn.SyncBatchNorm on GPU, GlobalBatchNorm1d on CPU)."""
+    if not env.distributed:
+        return module
+    if env.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm1d):
+            bn = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            sync_batchnorm(child, env)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random streams: one seed hasher for the whole repository
+# ----------------------------------------------------------------------------------------------------------------
+def mix_seed(*values):
+    """Hash non-negative integers into one well-mixed 63-bit seed (NumPy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def seed_step(seed, step, rank):
@@ -269,7 +365,13 @@ atexit.register(release_locks)
 
 def save_checkpoint(path, state):
     """Write `state` to `path` atomically (temporary file, fsync, rename): a kill or a full disk at any moment
-    leaves the old file or the new one, never a torn one, and no temporary file behind."""
+    leaves the old file or the new one, never a torn one, and no temporary file behind. Weights that became
+    NaN/inf are never written over a good checkpoint."""
+    for name, value in state.items():
+        if isinstance(value, dict) and not all(t.isfinite().all() for t in value.values()
+                                               if torch.is_tensor(t) and t.is_floating_point()):
+            raise UserError(f"the {name} weights became non-finite at or before step {state.get('step')}; the last "
+                            f"good checkpoint was kept. Lower --lr, check the data, or pass --skip-nonfinite")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -306,15 +408,22 @@ def load_checkpoint(path, stage=None, mmap=False):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the file is unusable
         raise UserError(f"checkpoint '{path}' is unreadable or corrupt ({type(e).__name__}); use another "
-                        f"checkpoint (the authors' released weights: python official.py convert {path} OUT.pt)") from None
+                        f"checkpoint (the authors' released weights: python tools/official.py convert {path} "
+                        f"OUT.pt)") from None
     if not isinstance(state, dict) or "stage" not in state or "config" not in state:
         raise UserError(f"'{path}' is not a checkpoint of this project; if it holds the authors' released weights, "
-                        f"convert it first: python official.py convert {path} OUT.pt")
+                        f"convert it first: python tools/official.py convert {path} OUT.pt")
     stages = (stage,) if isinstance(stage, str) else stage
     if stages and state["stage"] not in stages:
         raise UserError(f"'{path}' is a {state['stage']} checkpoint, but a {' or '.join(stages)} checkpoint is "
                         f"needed here")
     return state
+
+
+def resume_state(args, stage):
+    """OUT/ckpt_last.pt of the run being resumed, or None for a fresh run."""
+    path = os.path.join(args.out, "ckpt_last.pt")
+    return load_checkpoint(path, stage) if os.path.exists(path) else None
 
 
 def inherit(args, name, saved, source):
@@ -338,13 +447,14 @@ def load_init(args):
     return load_checkpoint(args.init, "pretrain") if args.init else None
 
 
-def check_resume(saved, current, keys):
-    """Refuse to resume when a setting that defines the run differs (nothing is overwritten)."""
+def check_resume(saved, current, steps_fixed=False):
+    """Refuse to resume when a setting that defines the run differs (nothing is overwritten): every config key but
+    paths, cadences and machine flags (MAY_CHANGE), and --steps where a schedule depends on it."""
+    keys = [k for k in current if k not in MAY_CHANGE and k != "data_id"] + (["steps"] if steps_fixed else [])
     diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current.get(k)} (now)"
              for k in keys if saved.get(k) != current.get(k)]
-    if "data_id" in keys and saved.get("data_id") != current.get("data_id"):
+    if saved.get("data_id") != current.get("data_id"):
         diffs.append("the data set's classes or image count changed")
-        diffs = [d for d in diffs if not d.startswith("--data-id")]
     elif saved.get("data") != current.get("data"):
         print(f"note: the data path changed ({saved.get('data')} -> {current.get('data')}) but its classes and image "
               f"count did not; resuming", file=sys.stderr)
@@ -371,6 +481,19 @@ def preempted(env):
     return bool(flag.item())
 
 
+def checkpoint(env, args, step, state):
+    """End of a step: OUT/ckpt_last.pt every --ckpt-every steps, at the end and on SIGTERM (then Preempted is
+    raised); OUT/ckpt_<step>.pt every --keep-every steps. `state()` builds the checkpoint dict (rank 0 only)."""
+    stop = preempted(env)
+    last = os.path.join(args.out, "ckpt_last.pt")
+    if env.main and (step % args.ckpt_every == 0 or step == args.steps or stop):
+        save_checkpoint(last, state())
+    if env.main and args.keep_every and step % args.keep_every == 0:
+        save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), state())
+    if stop:
+        raise Preempted(f"SIGTERM: stopped after step {step}, checkpoint {last}; rerun to resume")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Optimisation
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,19 +505,25 @@ def ema_update(ema_model, model, decay):
         b_ema.copy_(b)
 
 
-def adamw(model, lr, betas, weight_decay, no_decay=(), device=None):
-    """AdamW; parameters whose name ends with one of `no_decay` get no weight decay. Fused kernels on CUDA."""
-    decay, skip = [], []
+def adamw(model, lr, betas, weight_decay, no_decay=(), device=None, lr_scale=None):
+    """AdamW; parameters whose name ends with one of `no_decay` get no weight decay. `lr_scale(name)`, when given,
+    is a per-parameter multiplier of the lr (layer-wise decay), kept in the group as "lr_scale". Parameters that
+    do not require gradients are left out. Fused kernels on CUDA."""
+    groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (skip if name.split(".")[-1] in no_decay else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}] + ([{"params": skip, "weight_decay": 0.0}] if skip else [])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device is not None and device.type == "cuda")
+            key = (name.split(".")[-1] in no_decay, lr_scale(name) if lr_scale else 1.0)
+            groups.setdefault(key, []).append(p)
+    groups = [{"params": ps, "weight_decay": 0.0 if skip else weight_decay, "lr_scale": scale}
+              for (skip, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device is not None and device.type == "cuda")
 
 
 def set_lr(optimizer, lr):
+    """Set the lr of every parameter group (times its lr_scale); returns lr."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
 
 
 def warmup_cosine(step, total, base_lr, warmup=0):
@@ -404,14 +533,17 @@ def warmup_cosine(step, total, base_lr, warmup=0):
     return base_lr * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(total - warmup, 1), 1.0)))
 
 
-def step_lr(step, base_lr, milestones, factors, warmup=0):
-    """base_lr until the first milestone, then base_lr * the factor of the last milestone passed (Table 11);
-    optional linear warm-up from 0 over `warmup` steps."""
+def learning_rate(step, args, base_lr):
+    """The lr of `step` under --lr-schedule: cosine (linear warm-up over --warmup, then cosine to 0 at --steps),
+    constant, or step (base_lr times the factor of the last --lr-milestones passed, Table 11); constant and step
+    take the same linear warm-up from 0."""
+    if args.lr_schedule == "cosine":
+        return warmup_cosine(step, args.steps, base_lr, args.warmup)
     lr = base_lr
-    for milestone, factor in zip(milestones, factors):
+    for milestone, factor in zip(getattr(args, "lr_milestones", ()), getattr(args, "lr_factors", ())):
         if step >= milestone:
             lr = base_lr * factor
-    return lr * min(1.0, step / warmup) if warmup > 0 else lr
+    return lr * min(1.0, step / args.warmup) if args.warmup > 0 else lr
 
 
 def grad_norm(model):
@@ -420,49 +552,92 @@ def grad_norm(model):
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
 
-def check_finite(value, step, what="loss"):
-    """Stop with a clear message when a logged value is NaN/inf (the last good checkpoint is kept)."""
-    if not math.isfinite(value):
-        raise UserError(f"{what} became {value} at or before step {step}; the run stopped and the last good "
-                        f"checkpoint was kept. Lower --lr, check the data, or pass --skip-nonfinite")
+class Stepper:
+    """The optimiser step and the non-finite policy, once for every script. step(loss): clip the gradient norm
+    (clip > 0), then with --skip-nonfinite skip the update when the process-averaged loss or the gradient norm is
+    NaN/inf (restoring the buffers, e.g. BatchNorm statistics, that the step's forward passes changed), else apply
+    it. Returns True when the update was applied; `.norm` is the gradient norm before clipping (device tensor).
+    Without --skip-nonfinite a NaN/inf is caught at the next log line (Meter) or checkpoint (save_checkpoint)."""
+
+    def __init__(self, optimizer, model, skip_nonfinite=False, buffers_of=(), log=print):
+        self.optimizer, self.model, self.skip, self.log = optimizer, model, skip_nonfinite, log
+        self.buffers = [b for m in buffers_of for b in m.buffers()] if skip_nonfinite else []
+        self.saved = [b.clone() for b in self.buffers]
+        self.norm = None
+
+    def step(self, loss, clip=0.0, step=None):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else grad_norm(self.model)
+        applied = True
+        if self.skip and not (torch.isfinite(all_reduce_mean(loss.detach().clone())).all()
+                              & torch.isfinite(self.norm)).item():
+            self.log(f"step {step}: non-finite loss or gradient, optimiser step skipped")
+            for b, saved in zip(self.buffers, self.saved):
+                b.copy_(saved)
+            applied = False
+        else:
+            self.optimizer.step()
+            for b, saved in zip(self.buffers, self.saved):
+                saved.copy_(b)
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Logs
 # ----------------------------------------------------------------------------------------------------------------
-class MetricsLog:
-    """OUT/metrics.jsonl, one JSON object per line (rank 0 only). On resume, records a killed run wrote beyond the
-    checkpoint's step are dropped, so that no step appears twice."""
+class Meter:
+    """OUT/metrics.jsonl, one JSON object per line (rank 0 writes). add(terms) sums a step's loss terms (a device
+    tensor: loss first, then the named terms) over the applied steps; at every --log-every step and the last,
+    log(step, ...) writes their process-averaged mean with lr, grad norm, images/s and peak memory, and stops the run
+    with a clear message when the loss is NaN/inf. On resume, records beyond the checkpoint's step are dropped."""
 
-    def __init__(self, path, enabled=True, resume_step=None):
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and os.path.isfile(path):
-            with open(path) as f:
+    def __init__(self, args, env, names, resume_step=0, desc="train"):
+        self.path, self.env, self.names, self.args = os.path.join(args.out, "metrics.jsonl"), env, names, args
+        self.sums, self.count = torch.zeros(len(names), device=env.device), 0
+        self.t0, self.images = time.perf_counter(), 0
+        if env.main and resume_step and os.path.isfile(self.path):
+            with open(self.path) as f:
                 lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
+            with open(self.path, "w") as f:
                 f.writelines(lines)
+        self.bar = progress(args.steps, resume_step, env.main, desc)
+
+    def add(self, terms):
+        self.sums += terms
+        self.count += 1
+
+    def log(self, step, grad_norm=None, **extra):
+        """Called after every step; writes at the log points (device tensors among `extra` are read only there, so
+        no step waits for the device). Returns the record written, or None."""
+        self.images += self.args.batch_size
+        self.bar.update(1)
+        if step % self.args.log_every and step != self.args.steps:
+            return None
+        mean = (all_reduce_mean(self.sums) / max(self.count, 1)).tolist()
+        if not math.isfinite(mean[0]):
+            raise UserError(f"loss became {mean[0]} at or before step {step}; the run stopped and the last good "
+                            f"checkpoint was kept. Lower --lr, check the data, or pass --skip-nonfinite")
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+        now = time.perf_counter()
+        extra = {k: v.item() if torch.is_tensor(v) else v for k, v in extra.items()}
+        record = dict(step=step, **dict(zip(self.names, mean)), **extra,
+                      grad_norm=None if grad_norm is None else float(grad_norm),
+                      images_per_s=self.images / max(now - self.t0, 1e-9), peak_mem_gb=peak_memory_gb(self.env.device))
+        self.write(**record)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in zip(self.names, mean)})
+        self.sums.zero_()
+        self.count, self.t0, self.images = 0, now, 0
+        return record
 
     def write(self, **record):
-        if self.enabled:
+        if self.env.main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-
-class Throughput:
-    """Images per second between two log points (synchronises the device only when read)."""
-
-    def __init__(self, device):
-        self.device, self.t0, self.images = device, time.perf_counter(), 0
-
-    def add(self, n):
-        self.images += n
-
-    def rate(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        r, self.t0, self.images = self.images / max(now - self.t0, 1e-9), now, 0
-        return r
+    def close(self):
+        self.bar.close()
 
 
 def peak_memory_gb(device):
@@ -474,3 +649,36 @@ def progress(total, initial, enabled, desc):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, mininterval=2.0,
                 file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kNN probe of an encoder (pre-training's progress; the fine-tuning experiments of demo.py)
+# ----------------------------------------------------------------------------------------------------------------
+class KnnProbe:
+    """Weighted kNN accuracy (k = 20, votes exp(cos / 0.07), as InstDisc/DINO) of an encoder's L2-normalised
+    features. bank, queries: (images (N, 3, H, W) normalised, labels (N,)). __call__(features) with
+    features(x, sigma) -> (N, D): `probe_acc` classifies clean queries (at sigma_clean, the level the training views
+    sit at) against the clean bank; `probe_acc_noisy` queries noised to sigma_noisy with fixed noise."""
+
+    def __init__(self, bank, queries, sigma_clean, sigma_noisy, seed=0):
+        (self.bank_x, self.bank_y), (self.query_x, self.query_y) = bank, queries
+        self.noise = torch.randn(self.query_x.shape, generator=torch.Generator().manual_seed(seed))
+        self.sigma_clean, self.sigma_noisy = sigma_clean, sigma_noisy
+        self.num_classes = int(max(self.bank_y.max(), self.query_y.max())) + 1
+
+    @staticmethod
+    @torch.no_grad()
+    def _features(features, x, sigma):
+        return torch.cat([F.normalize(features(chunk, sigma).float(), dim=-1) for chunk in x.split(256)])
+
+    def _knn(self, query, bank):
+        sim, idx = (query @ bank.T).topk(min(20, bank.shape[0]), dim=1)
+        votes = torch.zeros(query.shape[0], self.num_classes, device=query.device)
+        votes.scatter_add_(1, self.bank_y.to(query.device)[idx], (sim / 0.07).exp())
+        return (votes.argmax(1).cpu() == self.query_y).float().mean().item()
+
+    def __call__(self, features):
+        bank = self._features(features, self.bank_x, self.sigma_clean)
+        clean = self._features(features, self.query_x, self.sigma_clean)
+        noisy = self._features(features, self.query_x + self.sigma_noisy * self.noise, self.sigma_noisy)
+        return {"probe_acc": round(self._knn(clean, bank), 4), "probe_acc_noisy": round(self._knn(noisy, bank), 4)}

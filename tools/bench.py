@@ -16,9 +16,9 @@ backward = 2 x forward. MFU = achieved FLOP/s / the device's peak, *measured in 
 CUDA, an fp32 one on CPU). Warm-up iterations (compilation included) are excluded; the device is synchronised
 before every clock reading.
 
-    python bench.py --stage diffusion --model XL --batch-size 64                    # one H100/H200
-    python bench.py --stage all --model T --device cpu --batch-size 8 --iters 3     # CPU smoke run
-    python bench.py ... --record                                                    # append rows to BENCHMARKS.md
+    python tools/bench.py --stage diffusion --model XL --batch-size 64                    # one H100/H200
+    python tools/bench.py --stage all --model T --device cpu --batch-size 8 --iters 3     # CPU smoke run
+    python tools/bench.py ... --record                                                    # append rows to BENCHMARKS.md
 
 Without a GPU: `--stage data` times the data loader on one CPU core (ms per sample and the cores per GPU the speed
 targets need); `--memory` estimates the memory per GPU of every paper configuration at 128 images per GPU.
@@ -28,6 +28,7 @@ import copy
 import datetime
 import functools
 import os
+import sys
 import statistics
 import subprocess
 import tempfile
@@ -37,10 +38,11 @@ from unittest import mock
 import torch
 from PIL import Image
 
-import data
-import losses
-import models
-import trainlib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import data  # noqa: E402
+import losses  # noqa: E402
+import models  # noqa: E402
+import trainlib  # noqa: E402
 
 
 def sync(device):

@@ -1,6 +1,6 @@
 """Convert the authors' released checkpoints (RCM encoders, EPG generators) into checkpoints of this project.
 
-    python official.py convert SRC OUT.pt [--weights ema|online]
+    python tools/official.py convert SRC OUT.pt [--weights ema|online]
 
 The official code (`rcm/vit.py`: `RCMViT` for pre-training, `EPGViT` for fine-tuning; `DMViT` in the first,
 inference-only release has the same parameter names) saves folders of plain PyTorch state dicts:
@@ -39,7 +39,8 @@ import sys
 
 import torch
 
-import models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import models  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Official parameter names -> ours (`{i}` a block or layer index, `{p}` a parameter or buffer name), read from the
@@ -386,8 +387,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Convert the authors' released EPG / RCM checkpoints into checkpoints of this project.",
         epilog="examples:\n"
-               "  python official.py convert EPG-XL-256/ epg_xl.pt     # then: sample.py --ckpt epg_xl.pt\n"
-               "  python official.py convert RCM-B-256/ rcm_b.pt       # then: train_diffusion.py --init rcm_b.pt",
+               "  python tools/official.py convert EPG-XL-256/ epg_xl.pt     # then: sample.py --ckpt epg_xl.pt\n"
+               "  python tools/official.py convert RCM-B-256/ rcm_b.pt       # then: train_diffusion.py --init rcm_b.pt",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="convert")
     command = commands.add_parser("convert", help="write one of our checkpoints from a released folder or .pth file")

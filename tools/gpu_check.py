@@ -25,10 +25,10 @@ and every output is in OUT/<check>.log (OUT is kept after a failure). --device c
 the same at tiny size: --model T, 6 steps, one thread, no compile, bench.py's rows from one process, no memory
 comparison, ddp on 2 gloo processes, nothing recorded.
 
-    make gpu-check                            # = python gpu_check.py
-    python gpu_check.py --budget 540          # end within 9 minutes, whatever is left to run
-    python gpu_check.py --only bench ddp      # some phases
-    python gpu_check.py --device cpu          # tiny, on CPU, about a minute
+    make gpu-check                            # = python tools/gpu_check.py
+    python tools/gpu_check.py --budget 540          # end within 9 minutes, whatever is left to run
+    python tools/gpu_check.py --only bench ddp      # some phases
+    python tools/gpu_check.py --device cpu          # tiny, on CPU, about a minute
 """
 import argparse
 import contextlib
@@ -45,9 +45,10 @@ import time
 
 import torch
 
-import trainlib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import trainlib  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))        # the repository root
 PHASES = ("tests", "train", "bench", "ddp")
 SPEED_ROWS = (("pretrain", "B"), ("diffusion", "XL"), ("consistency", "L"), ("sampling", "XL"))
 
@@ -233,10 +234,10 @@ def main():
     check, t0 = Checks(cuda, out, args.budget), time.time()
     print(f"gpu_check on {f'{torch.cuda.device_count()} CUDA device(s)' if cuda else 'CPU'}: {' '.join(args.only)}, "
           f"{n} steps, batch {batch}, output in {out}", flush=True)          # (no CUDA context in this process)
-    with open(os.path.join(ROOT, "bench.py")) as f:
+    with open(os.path.join(ROOT, "tools", "bench.py")) as f:
         estimator = None                        # bench.py --memory works on the CPU: it runs beside the GPU phases
         if cuda and "bench" in args.only and '"--memory"' in f.read():
-            estimator = check.start("bench.py --memory", ["bench.py", "--memory", "--batch-size", batch],
+            estimator = check.start("bench.py --memory", ["tools/bench.py", "--memory", "--batch-size", batch],
                                     CUDA_VISIBLE_DEVICES="")
 
     if "tests" in args.only:
@@ -269,7 +270,7 @@ def main():
     if "bench" in args.only:                    # on CPU the four rows are all T's: one `--stage all` process
         timing = ([] if args.no_record else ["--record"]) if cuda else ["--device", "cpu", "--iters", 1, "--warmup", 0]
         for stage, model in SPEED_ROWS if cuda else [("all", "T")]:
-            check(f"bench {stage} {model}", ["bench.py", "--stage", stage, "--model", model, "--batch-size",
+            check(f"bench {stage} {model}", ["tools/bench.py", "--stage", stage, "--model", model, "--batch-size",
                                              batch if cuda else 2, *timing], 300, judge_bench(check))
         if estimator is None:
             check.add("memory estimate", "skip", 0, "bench.py has no --memory" if cuda else "no CUDA memory on CPU")

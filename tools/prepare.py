@@ -1,0 +1,93 @@
+"""ImageNet preparation, once before training: the ADM center crop (the paper's preprocessing) of every image under
+SRC into DST/<same sub-folders>/<same stem>.png, lossless.
+
+    python tools/prepare.py /data/imagenet/train /data/in256/train --image-size 256 --workers 16
+    python tools/prepare.py /data/imagenet/val   /data/in256/val   --image-size 256 --workers 16
+
+Existing outputs are skipped, so rerunning resumes; unreadable inputs are reported and skipped.
+"""
+import argparse
+import contextlib
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import data  # noqa: E402
+import trainlib  # noqa: E402
+
+def _prepare_one(job):
+    """(source, destination, image_size) -> (source, error message or None)."""
+    source, destination, image_size = job
+    try:
+        with Image.open(source) as im:
+            image = data.adm_center_crop(im, image_size)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name("." + destination.name + ".partial")  # never leave a half-written PNG
+        image.save(partial, format="PNG", compress_level=0)
+        os.replace(partial, destination)
+        return source, None
+    except Exception as error:
+        return source, f"{type(error).__name__}: {error}"
+
+
+def prepare(source_dir, destination_dir, image_size, workers=0):
+    """ADM-center-crop every image under source_dir into destination_dir/<same sub-folders>/<same stem>.png
+    (lossless, compress_level=0); existing outputs are skipped, so a rerun resumes.  -> (written, skipped, failed),
+    failed a list of (path, error)."""
+    from tqdm import tqdm
+    source_dir, destination_dir = Path(source_dir), Path(destination_dir)
+    if not source_dir.is_dir():
+        raise trainlib.UserError(f"source folder {source_dir} does not exist or is not a directory")
+    if image_size <= 0:
+        raise trainlib.UserError(f"--image-size must be positive, got {image_size}")
+    jobs, seen, skipped, failed = [], set(), 0, []
+    for folder, subfolders, files in os.walk(source_dir):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(f for f in files if data.is_image_file(f)):
+            source = Path(folder) / name
+            destination = destination_dir / source.relative_to(source_dir).with_suffix(".png")
+            if destination in seen:
+                failed.append((source, f"another file already maps to {destination} (same stem)"))
+            elif destination.exists():
+                skipped += 1
+            else:
+                jobs.append((source, destination, image_size))
+            seen.add(destination)
+    if not jobs and not skipped and not failed:
+        raise trainlib.UserError(f"no images (.png, .jpg, .jpeg) found under {source_dir}")
+    written, parallel = 0, workers > 0 and len(jobs) > 1
+    with tqdm(total=len(jobs), desc=f"prepare {image_size}px", unit="img") as progress, \
+            (multiprocessing.Pool(workers) if parallel else contextlib.nullcontext()) as pool:
+        for source, error in pool.imap_unordered(_prepare_one, jobs, 16) if parallel else map(_prepare_one, jobs):
+            if error is None:
+                written += 1
+            else:
+                failed.append((source, error))
+            progress.update(1)
+    return written, skipped, failed
+
+
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="source folder, e.g. SRC/<class_name>/<image files>")
+    p.add_argument("dst", metavar="DST", help="destination folder (created); keeps SRC's sub-folders and file stems")
+    p.add_argument("--image-size", type=int, default=256, help="output side length in pixels")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="worker processes; 0 = in this process")
+    args = p.parse_args(argv)
+    written, skipped, failed = prepare(args.src, args.dst, args.image_size, args.workers)
+    print(f"wrote {written} PNGs to {args.dst}, skipped {skipped} that already existed, {len(failed)} failed")
+    for source, error in failed[:20]:
+        print(f"warning: skipped {source}: {error}", file=sys.stderr)
+    if len(failed) > 20:
+        print(f"warning: ... and {len(failed) - 20} more unreadable inputs", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    trainlib.cli_main(main)
