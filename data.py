@@ -79,12 +79,6 @@ def class_grid(images, labels, path, max_classes=10, per_class=10):
     save_grid(np.stack(rows), path, per_class)
 
 
-def _mix_seed(*values):
-    """Hash non-negative integers into one well-mixed 63-bit seed (NumPy's SeedSequence)."""
-    words = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
 # Stream tags, so that different uses of the same (seed, index) never share random numbers.
 _TAG_PERMUTATION, _TAG_AUGMENT = 12, 13
 
@@ -306,10 +300,10 @@ class _Samples(torch.utils.data.Dataset):
     def __getitem__(self, position):
         epoch, offset = divmod(position, len(self.dataset))
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(_mix_seed(self.seed, _TAG_PERMUTATION, epoch))
+            generator = torch.Generator().manual_seed(trainlib.mix_seed(self.seed, _TAG_PERMUTATION, epoch))
             self._epoch, self._order = epoch, torch.randperm(len(self.dataset), generator=generator)
         image, label, skipped = load_item(self.dataset, int(self._order[offset]))
-        item = augment(image, _mix_seed(self.seed, _TAG_AUGMENT, position), self.views, self.mode)
+        item = augment(image, trainlib.mix_seed(self.seed, _TAG_AUGMENT, position), self.views, self.mode)
         return {**item, "label": label, "num_corrupt": skipped}
 
 

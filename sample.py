@@ -52,7 +52,7 @@ _TAG_IMAGE, _TAG_LABELS = 7919, 7927      # keep the noise and the label streams
 
 def image_seed(seed, index, tag=_TAG_IMAGE):
     """The seed of image `index`'s generator: a hash of (seed, index), independent of batching and processes."""
-    return int(np.random.SeedSequence([seed, index, tag]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return trainlib.mix_seed(seed, index, tag)
 
 
 def initial_noise(seed, indices, shape, draws=1):

@@ -286,20 +286,13 @@ def mix_seed(*values):
 def seed_step(seed, step, rank):
     """Seed the global RNGs (CPU and CUDA) from (seed, step, rank): dropout and any other draw of this step become a
     function of the step, so resume needs no saved RNG state."""
-    torch.manual_seed(_mix(seed, step, rank, 1))
+    torch.manual_seed(mix_seed(seed, step, rank, 1))
 
 
 def step_generator(seed, step, device, stream=0):
     """A generator shared by all ranks for draws over the whole GLOBAL batch (each rank slices its part), so the run
     does not depend on the number of processes. `stream` separates independent uses within a step."""
-    return torch.Generator(device=device).manual_seed(_mix(seed, step, stream, 2))
-
-
-def _mix(*values):
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, step, stream, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
