@@ -651,11 +651,10 @@ class KnnProbe:
     """Weighted kNN accuracy (k = 20, votes exp(cos / 0.07), as InstDisc/DINO) of an encoder's L2-normalised
     features. bank, queries: (images (N, 3, H, W) normalised, labels (N,)). __call__(features) with
     features(x, sigma) -> (N, D): `probe_acc` classifies clean queries (at sigma_clean, the level the training views
-    sit at) against the clean bank; `probe_acc_noisy` queries noised to sigma_noisy with fixed noise."""
+    sit at) against the clean bank; `probe_acc_noisy` queries noised to sigma_noisy with the fixed `noise`."""
 
-    def __init__(self, bank, queries, sigma_clean, sigma_noisy, seed=0):
-        (self.bank_x, self.bank_y), (self.query_x, self.query_y) = bank, queries
-        self.noise = torch.randn(self.query_x.shape, generator=torch.Generator().manual_seed(seed))
+    def __init__(self, bank, queries, noise, sigma_clean, sigma_noisy):
+        (self.bank_x, self.bank_y), (self.query_x, self.query_y), self.noise = bank, queries, noise
         self.sigma_clean, self.sigma_noisy = sigma_clean, sigma_noisy
         self.num_classes = int(max(self.bank_y.max(), self.query_y.max())) + 1
 
