@@ -29,6 +29,7 @@ import torch
 import data
 import losses
 import models
+import shapes
 import trainlib
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -56,9 +57,9 @@ def run(cmds, log, threads=None, stop_on_failure=True):
 
 
 def score(py, npz, log):
-    """Class accuracy and FD_ref of a samples.npz (python data.py score)."""
+    """Class accuracy and FD_ref of a samples.npz (python shapes.py score)."""
     out = os.path.join(os.path.dirname(npz), "metrics.json")
-    run([[py, "data.py", "score", npz, "--out", out]], log)
+    run([[py, "shapes.py", "score", npz, "--out", out]], log)
     with open(out) as f:
         return json.load(f)
 
@@ -72,7 +73,7 @@ def heldout_denoising_loss(ckpt, images=1000, batch=250, seed=0):
     model = models.build_epg(cfg["model"], cfg["image_size"], cfg["num_classes"])
     model.load_state_dict(state["ema"])
     model.eval()
-    shift, dataset = losses.resolution_shift(cfg["image_size"]), data.EmbeddedShapes("val", cfg["image_size"])
+    shift, dataset = losses.resolution_shift(cfg["image_size"]), shapes.EmbeddedShapes("val", cfg["image_size"])
     g, total, bins, edges = torch.Generator().manual_seed(seed), 0.0, {}, [0.0, 0.1, 1.0, 10.0, math.inf]
     for start in range(0, images, batch):
         items = [dataset[i] for i in range(start, min(start + batch, images))]

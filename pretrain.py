@@ -72,8 +72,12 @@ PRESETS = {
 }
 
 
+def parse_args(argv=None):
+    return trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+
+
 def main(argv=None):
-    args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+    args = parse_args(argv)
     env = trainlib.init_distributed(args.device)
     device, log = env.device, env.log
     local_batch, micro, accum = trainlib.split_batch(args.batch_size, env.world, args.micro_batch)
@@ -89,7 +93,7 @@ def main(argv=None):
               "patch_size": patch_size, "lr_scaled": lr, "num_classes": dataset.num_classes,
               "data_id": data.identity(dataset), "resolution_shift": shift}
     trainlib.prepare_output(args.out, env.main)
-    resume = trainlib.resume_state(args, "pretrain")
+    resume = trainlib.resume_state(args, "pretrain", log)
     if resume is not None:
         trainlib.check_resume(resume["config"], config, steps_fixed=True)       # cosine, curriculum, tau annealing
 
@@ -132,6 +136,7 @@ def main(argv=None):
     if env.main and args.probe_every:
         probe = trainlib.KnnProbe(*data.probe_sets(args.data, args.image_size, args.normalize, args.seed,
                                                    args.probe_bank, args.probe_queries), sigma_views, shift * 1.0)
+        log(f"kNN probe: {len(probe.bank_y)} bank images, {len(probe.query_y)} queries")
 
     def run_probe(step):      # the online encoder's clean [CLS] feature (noisy queries: sigma = 1, unshifted)
         if probe is not None and (step == 0 or step % args.probe_every == 0 or step == args.steps):

@@ -91,12 +91,17 @@ def aux_network(args, rcm, log):
     return W.eval().requires_grad_(False)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
     if len(args.lr_milestones) != len(args.lr_factors):
         raise trainlib.UserError(f"--lr-milestones has {len(args.lr_milestones)} values but --lr-factors "
                                  f"{len(args.lr_factors)}; give one factor per milestone")
     args.lr_milestones = [round(m * args.steps) if m < 1 else int(m) for m in args.lr_milestones]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     env = trainlib.init_distributed(args.device)
     device, log = env.device, env.log
     local_batch, micro, accum = trainlib.split_batch(args.batch_size, env.world, args.micro_batch)
@@ -108,7 +113,7 @@ def main(argv=None):
     dataset = data.build_dataset(args.data, args.image_size, "train", args.seed)    # clean images + flips (Table 11)
     num_classes = dataset.num_classes
     trainlib.prepare_output(args.out, env.main)
-    resume = trainlib.resume_state(args, "consistency")
+    resume = trainlib.resume_state(args, "consistency", log)
     rcm = trainlib.load_init(args)                                                # also on resume: W of eq. 9
     trainlib.inherit(args, "normalize", (resume or rcm or {"config": {}})["config"], "--init or the resumed run")
     args.normalize = args.normalize or "simple"

@@ -111,8 +111,12 @@ def sample_grid(ema, args, num_classes, device, path, labels=None, seed=0):
     return images
 
 
+def parse_args(argv=None):
+    return trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+
+
 def main(argv=None):
-    args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+    args = parse_args(argv)
     env = trainlib.init_distributed(args.device)
     device, log = env.device, env.log
     local_batch, micro, accum = trainlib.split_batch(args.batch_size, env.world, args.micro_batch)
@@ -123,7 +127,7 @@ def main(argv=None):
     dataset = data.build_dataset(args.data, args.image_size, "train", args.seed)
     num_classes = dataset.num_classes
     trainlib.prepare_output(args.out, env.main)
-    resume = trainlib.resume_state(args, "diffusion")
+    resume = trainlib.resume_state(args, "diffusion", log)
     rcm = trainlib.load_init(args) if resume is None else None
     trainlib.inherit(args, "normalize", (resume or rcm or {"config": {}})["config"], "--init or the resumed run")
     args.normalize = args.normalize or "simple"

@@ -72,7 +72,7 @@ RUN = dict(                    # flags of every training script that do not chan
 )
 RUN_TYPES = dict(micro_batch=int, num_workers=int, compile=bool)
 # keys that may change when a run is resumed (paths, cadences, machine); every other CONFIG key must match
-MAY_CHANGE = {*RUN, "out", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every", "log_every",
+MAY_CHANGE = {*RUN.keys() - {"seed"}, "out", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every", "log_every",
               "probe_every", "probe_bank", "probe_queries", "sample_every", "sample_steps", "eval_samples", "steps"}
 POSITIVE = ("image_size", "batch_size", "steps", "lr", "ckpt_every", "log_every", "micro_batch", "sample_steps",
             "probe_bank", "probe_queries", "p_std", "huber_c", "aux_tau", "ctr_tau", "tau1", "tau2", "stage_interval")
@@ -102,8 +102,7 @@ def config_comments(path, name="CONFIG"):
 
 def _add_flags(p, config, comments, types=None, choices=None):
     for key, default in config.items():
-        kind = (types or {}).get(key) or (type(default[0]) if isinstance(default, list) and default else
-                                          float if isinstance(default, list) else type(default))
+        kind = (types or {}).get(key) or (float if isinstance(default, list) else type(default))   # lists of numbers
         flag, extra = "--" + key.replace("_", "-"), {}
         if kind is bool:
             extra = dict(action=argparse.BooleanOptionalAction)
@@ -413,10 +412,13 @@ def load_checkpoint(path, stage=None, mmap=False):
     return state
 
 
-def resume_state(args, stage):
+def resume_state(args, stage, log=print):
     """OUT/ckpt_last.pt of the run being resumed, or None for a fresh run."""
     path = os.path.join(args.out, "ckpt_last.pt")
-    return load_checkpoint(path, stage) if os.path.exists(path) else None
+    state = load_checkpoint(path, stage) if os.path.exists(path) else None
+    if state is not None and state["step"] >= args.steps:
+        log(f"{path} is already at step {state['step']} >= --steps {args.steps}; nothing to do")
+    return state
 
 
 def inherit(args, name, saved, source):

@@ -33,9 +33,9 @@ def run_torchrun():
 
 @pytest.fixture(scope="session")
 def classifier_cache(tmp_path_factory):
-    """The 32x32 reference classifier of data.py, trained once per session into a temporary cache (shared by the
+    """The 32x32 reference classifier of shapes.py, trained once per session into a temporary cache (shared by the
     data.py tests and the demo test, which would otherwise each train it)."""
-    import data
+    import shapes
     cache = tmp_path_factory.mktemp("epg_cache")
-    data.reference_classifier(32, cache_dir=cache)
+    shapes.reference_classifier(32, cache_dir=cache)
     return cache

@@ -218,11 +218,13 @@ def test_aux_loss_is_off_without_pretrained_network():
 
 
 def test_step_lr_schedule():
-    lr = lambda s: trainlib.step_lr(s, 1e-4, [400_000, 500_000], [0.3, 0.08])     # noqa: E731 - Table 11
+    args = tc.parse_args(["--model", "L"])                                          # Table 11's defaults
+    lr = lambda s: trainlib.learning_rate(s, args, 1e-4)                           # noqa: E731
     assert lr(0) == 1e-4 and lr(399_999) == 1e-4
     assert math.isclose(lr(400_000), 3e-5) and math.isclose(lr(499_999), 3e-5)
     assert math.isclose(lr(500_000), 8e-6) and math.isclose(lr(700_000), 8e-6)
-    assert math.isclose(trainlib.step_lr(2_500, 1e-4, [], [], warmup=10_000), 2.5e-5)
+    warm = tc.parse_args(["--warmup", "10000", "--lr-milestones", "--lr-factors"])
+    assert math.isclose(trainlib.learning_rate(2_500, warm, 1e-4), 2.5e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

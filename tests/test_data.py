@@ -1,4 +1,4 @@
-"""Tests for data.py: normalisation, embedded data, image folders, augmentations, the batch stream, ADM crop, CLI.
+"""Tests for data.py: normalisation, image folders, augmentations, the batch stream, the ADM crop.
 
 Every expectation comes from a closed form, a brute-force computation or an invariant, never from data.py's own output.
 """
@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import shapes  # noqa: E402
 
 
 
@@ -89,55 +90,6 @@ def test_to_uint8_hwc_roundtrips_every_pixel_value_and_clamps(mode):
 # ---------------------------------------------------------------------------------------------------------------------
 # Embedded data set
 # ---------------------------------------------------------------------------------------------------------------------
-
-def test_embedded_shapes_deterministic_balanced_and_split_dependent():
-    train = data.EmbeddedShapes("train", image_size=32, seed=0)
-    assert len(train) == 50_000 and len(data.EmbeddedShapes("val")) == 1_000
-    assert train.num_classes == 10 and len(train.classes) == 10 == len(set(train.classes))
-    image, label = train[123]
-    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and isinstance(label, int)
-    again = data.EmbeddedShapes("train", image_size=32, seed=0)[123][0]
-    assert torch.equal(image, again)
-    assert not torch.equal(image, data.EmbeddedShapes("train", image_size=32, seed=1)[123][0])
-    val = data.EmbeddedShapes("val", image_size=32, seed=0)
-    assert all(not torch.equal(train[i][0], val[i][0]) for i in range(20))
-    counts = Counter(val[i][1] for i in range(len(val)))
-    assert sorted(counts) == list(range(10)) and set(counts.values()) == {100}
-    assert len({bytes(train[i][0].numpy()) for i in range(200)}) == 200  # no repeated images
-
-
-@pytest.mark.parametrize("size", [8, 17, 48, 96])
-def test_embedded_shapes_any_resolution(size):
-    image, _ = data.EmbeddedShapes(image_size=size)[5]
-    assert image.shape == (3, size, size) and image.dtype == torch.uint8
-    assert image.float().std() > 5  # something is drawn
-
-
-def test_embedded_shapes_fast_enough():
-    dataset = data.EmbeddedShapes(image_size=32, length=1000)
-    start = time.perf_counter()
-    for i in range(len(dataset)):
-        dataset[i]
-    assert time.perf_counter() - start < 4.0  # spec: well under 1-2 s on one core; slack for a loaded CI box
-
-
-def test_embedded_shapes_class_is_not_given_away_by_colour():
-    """A nearest-class-mean classifier on mean image colour stays near chance (10 %): the class is in the shape."""
-    train = data.EmbeddedShapes("train", image_size=32, length=2000)
-    val = data.EmbeddedShapes("val", image_size=32, length=500)
-
-    def features(ds):
-        x = torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255
-        labels = torch.tensor([ds[i][1] for i in range(len(ds))])
-        return x, labels
-
-    (xt, yt), (xv, yv) = features(train), features(val)
-    colour_t, colour_v = xt.mean((2, 3)), xv.mean((2, 3))
-    centroids = torch.stack([colour_t[yt == c].mean(0) for c in range(10)])
-    colour_accuracy = (torch.cdist(colour_v, centroids).argmin(1) == yv).float().mean()
-    assert colour_accuracy < 0.25  # colour is not a shortcut to the class
-    assert (xt.view(len(xt), -1).std(0).mean() > 0.1)  # images vary a lot
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Image folders
@@ -225,12 +177,12 @@ def test_image_folder_errors(tmp_path):
         data.ImageFolder(tmp_path / "no_images", 16)
     (tmp_path / "big" / "cls").mkdir(parents=True)
     Image.new("RGB", (40, 30)).save(tmp_path / "big" / "cls" / "x.png")
-    with pytest.raises(data.DataError, match="python data.py prepare"):
+    with pytest.raises(data.DataError, match="python tools/prepare.py"):
         data.ImageFolder(tmp_path / "big", 16)
 
 
 def test_build_dataset(tmp_path):
-    assert isinstance(data.build_dataset(None, 32), data.EmbeddedShapes)
+    assert isinstance(data.build_dataset(None, 32), shapes.EmbeddedShapes)
     assert data.build_dataset(None, 32, split="val").split == "val"
     for split in ("train", "val"):
         (tmp_path / "layout" / split / "cls").mkdir(parents=True)
@@ -249,7 +201,7 @@ def test_build_dataset(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _colourful(size=32):
-    return data.EmbeddedShapes(image_size=size)[3][0]
+    return shapes.EmbeddedShapes(image_size=size)[3][0]
 
 
 def _uint8(view):
@@ -275,7 +227,7 @@ def test_views_shapes_ranges_and_determinism(mode):
     for clean in (views["clean"], data.augment(img, 1, "finetune", mode)["image"]):
         clean01 = data.denormalize(clean, mode).double()
         assert torch.allclose(clean01, original01, atol=1e-6) or torch.allclose(clean01, original01.flip(-1), atol=1e-6)
-    assert all(v.shape == (3, 256, 256) for v in data.augment(data.EmbeddedShapes(image_size=256)[0][0], 0).values())
+    assert all(v.shape == (3, 256, 256) for v in data.augment(shapes.EmbeddedShapes(image_size=256)[0][0], 0).values())
 
 
 def test_views_touch_no_other_random_state(monkeypatch):
@@ -395,7 +347,7 @@ def test_batch_stream_every_item_once_per_epoch():
 
 @pytest.mark.parametrize("views", ["pretrain", "finetune"])
 def test_batch_stream_ranks_concatenate_to_single_process(views):
-    dataset = data.EmbeddedShapes(image_size=16, length=50)
+    dataset = shapes.EmbeddedShapes(image_size=16, length=50)
     single = _take(data.BatchStream(dataset, 8, views=views, seed=3), 4)
     ranks = [_take(data.BatchStream(dataset, 8, rank=r, world=2, views=views, seed=3), 4) for r in range(2)]
     for step in range(4):
@@ -407,7 +359,7 @@ def test_batch_stream_ranks_concatenate_to_single_process(views):
 
 
 def test_batch_stream_resume_matches_uninterrupted():
-    dataset = data.EmbeddedShapes(image_size=16, length=20)  # 7-item batches cross epoch boundaries
+    dataset = shapes.EmbeddedShapes(image_size=16, length=20)  # 7-item batches cross epoch boundaries
     full = _take(data.BatchStream(dataset, 7, views="pretrain", seed=1), 6)
     resumed = _take(data.BatchStream(dataset, 7, views="pretrain", seed=1, start_step=4), 2)
     _assert_same_batches(full[4:], resumed)
@@ -421,20 +373,20 @@ def test_batch_stream_resume_matches_uninterrupted():
 
 def test_batch_stream_draws_fresh_views_for_every_reading():
     """One item read 4 times in a step (4 epochs of a 1-item data set): 4 different pairs of views, not one reused."""
-    batch = _take(data.BatchStream(data.EmbeddedShapes(image_size=16, length=1), 4, views="pretrain"), 1)[0]
+    batch = _take(data.BatchStream(shapes.EmbeddedShapes(image_size=16, length=1), 4, views="pretrain"), 1)[0]
     for key in ("view1", "view2"):
         assert len({bytes(data.to_uint8_hwc(v[None])) for v in batch[key]}) == 4
 
 
 def test_batch_stream_workers_match_in_process():
-    dataset = data.EmbeddedShapes(image_size=16, length=40)
+    dataset = shapes.EmbeddedShapes(image_size=16, length=40)
     in_process = _take(data.BatchStream(dataset, 8, views="pretrain", seed=4), 5)
     with_workers = _take(data.BatchStream(dataset, 8, views="pretrain", seed=4, num_workers=2), 5)
     _assert_same_batches(in_process, with_workers)
 
 
 def test_batch_stream_validation():
-    dataset = data.EmbeddedShapes(image_size=16, length=10)
+    dataset = shapes.EmbeddedShapes(image_size=16, length=10)
     with pytest.raises(data.DataError, match="divisible"):
         data.BatchStream(dataset, 10, world=3)
     with pytest.raises(data.DataError, match="positive"):
@@ -498,128 +450,11 @@ def test_prepare_cli_writes_pngs_and_skips_on_rerun(tmp_path):
     assert len(data.ImageFolder(dst, 16)) == 2
 
 
-def test_cli_help_errors_and_preview(tmp_path, capsys):
-    result = _run_cli("--help")  # one real process start; the rest runs main() in-process (torch imports are slow)
-    assert result.returncode == 0 and all(command in result.stdout for command in ("prepare", "preview", "score"))
-    for command, flags in (("prepare", ("--image-size", "--workers")), ("preview", ("--out", "--per-class")),
-                           ("score", ("--device", "--cache-dir", "--out"))):
-        with pytest.raises(SystemExit) as exit_info:
-            data.main([command, "--help"])
-        assert exit_info.value.code == 0
-        help_text = capsys.readouterr().out
-        assert all(flag in help_text for flag in flags)
-    assert data.main(["prepare", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
-    assert "error:" in capsys.readouterr().err
-    out = tmp_path / "grid.png"
-    assert data.main(["preview", "--out", str(out), "--image-size", "16", "--per-class", "3"]) == 0
-    with Image.open(out) as grid:
-        assert grid.size == (3 * 18 + 2, 10 * 18 + 2)  # 2-px padding around 16-px tiles, one row per class
-
-
 def test_batch_stream_does_not_touch_global_rng():
     # a resumed run creates a fresh stream; if that drew from the global RNG, its first step would differ
-    ds = data.EmbeddedShapes("train", 16, length=40)
+    ds = shapes.EmbeddedShapes("train", 16, length=40)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
     next(iter(data.BatchStream(ds, 8, views="finetune")))
     assert torch.equal(torch.rand(3), expected)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reference classifier of the embedded data set; `classifier_cache` (conftest.py): the 32x32 one, trained once
-# ---------------------------------------------------------------------------------------------------------------------
-
-def embedded_split(split, seed=0, length=None):
-    dataset = data.EmbeddedShapes(split=split, image_size=32, seed=seed, length=length)
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(images).permute(0, 2, 3, 1).numpy(), np.array(labels)
-
-
-def test_reference_classifier_accuracy_and_cache(classifier_cache, capsys):
-    classifier = data.reference_classifier(32, cache_dir=classifier_cache)
-    assert "training" not in capsys.readouterr().err  # loaded from the cache, not retrained
-    assert not classifier.training
-    # 0.90: the judge of class accuracy must stay well above what the scored models reach (0.1-0.7 in BENCHMARKS.md);
-    # its schedule reached 0.933-0.957 on different CPUs (float rounding differs), so 0.90 leaves room for that.
-    assert classifier.val_acc >= 0.90
-    images, labels = embedded_split("val")
-    features, logits = data.classify(classifier, torch.from_numpy(images).permute(0, 3, 1, 2))
-    assert features.shape == (len(images), 128) and logits.shape == (len(images), 10)
-    assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(classifier.val_acc)
-    floats = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 255  # float [0, 1] input too
-    with torch.no_grad():
-        assert torch.allclose(classifier(floats)[1], logits[:8], atol=1e-4)
-
-
-def test_frechet_distance_closed_forms():
-    """Commuting covariances: FD = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2 over their common eigenvalues;
-    general ones against scipy's matrix square root (the pytorch-fid formula)."""
-    from scipy import linalg
-    rng = np.random.default_rng(0)
-    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
-    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
-    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert data._frechet_distance(mu1, q * a @ q.T, mu2, q * b @ q.T) == pytest.approx(expected, rel=1e-10)
-    s1, s2 = (m @ m.T for m in rng.normal(size=(2, 6, 6)))
-    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
-    assert data._frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
-    assert abs(data._frechet_distance(mu1, s1, mu1, s1)) < 1e-9
-
-
-def test_embedded_metrics_of_real_and_noise_images(classifier_cache):
-    val_images, val_labels = embedded_split("val")
-    same = data.embedded_metrics(val_images, val_labels, cache_dir=classifier_cache)
-    assert abs(same["fd_ref"]) < 1e-6 and same["class_acc"] == pytest.approx(same["val_acc"])
-    fresh_images, fresh_labels = embedded_split("val", seed=1, length=500)  # other shapes, same law
-    fresh = data.embedded_metrics(fresh_images, fresh_labels, cache_dir=classifier_cache)
-    assert fresh["class_acc"] > 0.8
-    noise = np.random.default_rng(8).integers(0, 256, (500, 32, 32, 3), dtype=np.uint8)
-    noisy = data.embedded_metrics(noise, fresh_labels, cache_dir=classifier_cache)
-    assert noisy["class_acc"] < 0.3  # chance is 0.1
-    assert noisy["fd_ref"] > 20 * fresh["fd_ref"]
-
-
-def test_score_cli_prints_labelled_lines_and_json(classifier_cache, tmp_path, capsys):
-    images, labels = embedded_split("val", seed=2, length=200)
-    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=labels)
-    assert data.main(["score", str(tmp_path / "samples.npz"), "--cache-dir", str(classifier_cache),
-                      "--out", str(tmp_path / "metrics.json"), "--device", "cpu"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("FD_ref (reference classifier, NOT comparable to Inception FID): ")
-    assert lines[1].startswith("Class accuracy: ") and lines[2].startswith("Reference classifier val accuracy: ")
-    written = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(written) == {"fd_ref", "class_acc", "val_acc"}
-    assert float(lines[1].split(": ")[1]) == pytest.approx(written["class_acc"], abs=1e-6)
-    assert written["class_acc"] == pytest.approx(np.mean(data.classify(
-        data.reference_classifier(32, cache_dir=classifier_cache),
-        torch.from_numpy(images).permute(0, 3, 1, 2))[1].argmax(1).numpy() == labels))
-
-
-IMAGES = np.zeros((4, 32, 32, 3), dtype=np.uint8)
-
-
-@pytest.mark.parametrize("arrays, message", [
-    ({"arr_0": IMAGES, "arr_1": np.array([0, 3, 9, 10])}, "classes 0..9"),
-    ({"arr_0": IMAGES, "arr_1": np.array([-1, 0, 1, 2])}, "classes 0..9"),
-    ({"arr_0": IMAGES, "arr_1": np.array([0.0, 1.0, 2.0, 3.0])}, "integer label"),
-    ({}, "no images"),
-    ({"arr_0": IMAGES[:0]}, "no images"),
-    ({"arr_0": np.zeros((4, 32, 16, 3), np.uint8)}, "square"),
-    ({"arr_0": np.zeros((4, 4, 4, 3), np.uint8)}, "8 px"),
-    ({"arr_0": IMAGES.astype(np.float32)}, "uint8"),
-])
-def test_score_refuses_bad_samples_in_one_line(tmp_path, capsys, arrays, message):
-    np.savez(tmp_path / "bad.npz", **arrays)
-    assert data.main(["score", str(tmp_path / "bad.npz"), "--cache-dir", str(tmp_path / "cache")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
-    assert not (tmp_path / "cache").exists()  # refused before any classifier is trained
-
-
-def test_score_exit_code_and_unreadable_file(tmp_path):
-    (tmp_path / "text.npz").write_text("not an npz")
-    result = _run_cli("score", tmp_path / "text.npz", "--cache-dir", tmp_path / "cache")
-    assert result.returncode == 2 and result.stderr.strip().startswith("error: cannot read")
-    assert len(result.stderr.strip().splitlines()) == 1

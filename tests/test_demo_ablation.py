@@ -6,6 +6,7 @@ import torch
 
 import demo
 import data
+import shapes
 import models
 
 
@@ -24,7 +25,7 @@ def test_heldout_loss_of_a_zero_model_is_the_weighted_data_energy(tmp_path):
     grid = (80 ** (1 / 7) + i / 1279 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     n = int(np.abs(grid[:1280] - 1.0).argmin())
     weight = 1.0 / (grid[n] - grid[n + 1])
-    val = data.EmbeddedShapes("val", 32)
+    val = shapes.EmbeddedShapes("val", 32)
     x0 = np.stack([val[k][0].numpy() for k in range(20)]).astype(np.float64) / 127.5 - 1.0
     energy = (x0 ** 2).mean()
     assert abs(result["loss"] - weight * energy) <= 1e-5 * weight * energy

@@ -68,7 +68,10 @@ def test_two_processes_match_one_process(single_run, tmp_path, run_torchrun):
         for name in one[key]:
             torch.testing.assert_close(two[key][name], one[key][name], rtol=0, atol=2 * lr,
                                        msg=lambda m: f"{key}.{name}: {m}")
-            assert (two[key][name].float() - one[key][name].float()).abs().float().mean() < 1e-6, name
+            # BatchNorm's running statistics integrate the batch features of every step, float noise included
+            # (seen: 1.6e-6 mean on running_mean); a wrong reduction is off by a factor, i.e. by 0.01 or more here
+            bound = 1e-5 if name.endswith(("running_mean", "running_var")) else 1e-6
+            assert (two[key][name].float() - one[key][name].float()).abs().float().mean() < bound, name
     # AdamW's first moment is the (averaged) gradient history: the global-batch gradients agree as well. After the
     # first step the weights differ by float noise, so single near-zero entries may differ by a few 1e-6; a wrong
     # reduction (a sum instead of the mean, a missing all-reduce) would be off by a factor, i.e. by 50 % or more

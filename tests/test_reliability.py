@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import data
+import shapes
 import fid
 import models
 import pretrain
@@ -72,7 +73,7 @@ def cli(monkeypatch, capsys, module, argv):
     Returns (exit code, stdout, stderr); exit code 0 when main returned normally."""
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
     try:
-        code = module.main() if module is data else trainlib.cli_main(module.main, data.DataError) or 0
+        code = trainlib.cli_main(module.main, fid.MetricsError) or 0
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()
@@ -177,7 +178,7 @@ def base_args(script, files):
         train_consistency: common + ["--init", files["rcm16"]],
         sample: ["--ckpt", files["dm"], "--num-samples", 2, "--steps", 2, "--device", "cpu", "--no-progress"],
         fid: ["--device", "cpu", "--no-progress"],                               # + SAMPLES [REFERENCE]
-        data: ["score"],                                                         # + SAMPLES
+        shapes: ["score"],                                                       # + SAMPLES
     }[script]
 
 
@@ -411,7 +412,6 @@ BAD_INPUTS = _trainer_cases() + [pytest.param(script, extra, expected, id=f"{scr
     ("fid", "inception-weights-missing", ["{npz_good}", "{npz_good}"], "not found"),
     ("fid", "zero-batch", ["{npz_good}", "{npz_good}", "--batch-size", 0], "--batch-size"),
     ("fid", "no-reference", ["{npz_good}"], "REFERENCE"),
-    ("fid", "embedded-moved", ["{npz_good}", "--embedded"], "python data.py score"),
     ("score", "npz-float-labels", ["{npz_wrong_labels}"], "integer label"),
     ("score", "npz-truncated", ["{npz_truncated}"], "cannot read"),
 ]]
@@ -419,7 +419,7 @@ BAD_INPUTS = _trainer_cases() + [pytest.param(script, extra, expected, id=f"{scr
 
 @pytest.mark.parametrize("name,extra,expected", BAD_INPUTS)
 def test_bad_input_is_one_clear_line_and_exit_code_2(name, extra, expected, files, tmp_path, monkeypatch, capsys):
-    script = TRAINERS.get(name) or {"sample": sample, "fid": fid, "score": data}[name]
+    script = TRAINERS.get(name) or {"sample": sample, "fid": fid, "score": shapes}[name]
     out = tmp_path / "out"
     argv = base_args(script, files)
     for item in extra:
@@ -433,7 +433,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(name, extra, expected, file
     if script is fid:
         monkeypatch.delenv("EPG_INCEPTION", raising=False)
         monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    elif script is not data:
+    elif script is not shapes:
         argv += ["--out", out]
     before = snapshot(out)
     code, _, err = cli(monkeypatch, capsys, script, argv)
