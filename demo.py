@@ -13,8 +13,14 @@ vs 59.7, consistency 33.1 vs NaN), scored by class accuracy, FD_ref, whether tra
 diffusion the held-out eq. 1 loss (Table 9's proposal and weighting on the validation split, noise fixed by a seed),
 each as mean (min-max) over --seeds.
 
+--headstart: does the pre-trained encoder give fine-tuning a head start, and does fine-tuning keep it? Diffusion
+fine-tunings from RCM-T and from scratch under the T preset's schedule and a gentle one (lr 2.5e-4, warm-up, cosine),
+and with the encoder frozen, all with the same batches and noise; every --every steps the held-out eq. 1 loss by
+noise level and the kNN probe of the EMA encoder's [CLS] feature. Writes headstart.json/.md and headstart.png.
+
     python demo.py [--out runs/demo] [--quick]
     python demo.py --ablation [--out runs/ablation] [--init RCM_CKPT] [--dm-steps 9600] [--cm-steps 1200] [--seeds 0 1]
+    python demo.py --headstart --init RCM_CKPT [--out runs/headstart] [--dm-steps 2400] [--every 200]
 """
 import argparse
 import json
@@ -25,6 +31,7 @@ import sys
 import time
 
 import torch
+from PIL import Image, ImageDraw
 
 import data
 import losses
@@ -64,15 +71,20 @@ def score(py, npz, log):
         return json.load(f)
 
 
-@torch.no_grad()
-def heldout_denoising_loss(ckpt, images=1000, batch=250, seed=0):
-    """Eq. 1 (Table 9 weighting) of the EMA model of a diffusion checkpoint on the first `images` validation images.
-    Returns dict(loss=weighted mean, per_sigma={bin of the unshifted t_n: unweighted MSE})."""
+def ema_model(ckpt):
+    """(EMA EPG in eval mode, config) of a diffusion checkpoint."""
     state = trainlib.load_checkpoint(ckpt, "diffusion")
     cfg = state["config"]
     model = models.build_epg(cfg["model"], cfg["image_size"], cfg["num_classes"])
     model.load_state_dict(state["ema"])
-    model.eval()
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def heldout_denoising_loss(ckpt, images=1000, batch=250, seed=0, model=None):
+    """Eq. 1 (Table 9 weighting) of the EMA model of a diffusion checkpoint (or of `model`, config) on the first
+    `images` validation images. Returns dict(loss=weighted mean, per_sigma={bin of the unshifted t_n: unweighted MSE})."""
+    model, cfg = model or ema_model(ckpt)
     shift, dataset = losses.resolution_shift(cfg["image_size"]), shapes.EmbeddedShapes("val", cfg["image_size"])
     g, total, bins, edges = torch.Generator().manual_seed(seed), 0.0, {}, [0.0, 0.1, 1.0, 10.0, math.inf]
     for start in range(0, images, batch):
@@ -188,11 +200,125 @@ def ablation(args, py, log):
     return results, rows, f"mean (min–max) over seeds {args.seeds}; grids: {out}/seed*/samples_*/grid.png"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --headstart: is the pre-training kept by fine-tuning, and does it help?
+# ----------------------------------------------------------------------------------------------------------------
+GENTLE = ["--lr", "2.5e-4", "--lr-schedule", "cosine", "--warmup", "300"]
+ARMS = {"rcm_preset": ["--init", "{init}"], "scratch_preset": ["--from-scratch"],
+        "rcm_gentle": ["--init", "{init}", *GENTLE], "scratch_gentle": ["--from-scratch", *GENTLE],
+        "rcm_frozen": ["--init", "{init}", "--freeze-encoder"], "scratch_frozen": ["--from-scratch", "--freeze-encoder"]}
+COLOURS = {"rcm_preset": (31, 90, 200), "scratch_preset": (230, 110, 20), "rcm_gentle": (110, 170, 250),
+           "scratch_gentle": (250, 180, 90), "rcm_frozen": (20, 40, 90), "scratch_frozen": (130, 60, 10)}
+
+
+def encoder_probe(image_size, normalize, seed=0):
+    """The kNN probe of pretrain.py (2000 bank images, 1000 held-out queries) for an EPG's encoder: its [CLS]
+    feature after the final LayerNorm, without the class offset, at s * sigma_min (and sigma = 1 for the noisy one)."""
+    shift = losses.resolution_shift(image_size)
+    probe = trainlib.KnnProbe(*data.probe_sets(None, image_size, normalize, seed, 2000, 1000),
+                              shift * losses.SIGMA_MIN, shift * 1.0)
+
+    def measure(model):
+        def features(x, sigma):
+            return model.encoder(*losses.precondition(x, torch.full((len(x),), sigma)))[0][:, 0]
+        return probe(features)
+    return measure
+
+
+def start_model(cfg, init, seed):
+    """The EMA model of step 0, built as train_diffusion.py builds it (seeded init, the RCM's encoder)."""
+    torch.manual_seed(seed)
+    model = models.build_epg(cfg["model"], cfg["image_size"], cfg["num_classes"])
+    if init:
+        models.load_encoder_from_rcm(model, trainlib.load_checkpoint(init, "pretrain")["model"])
+    return model.eval()
+
+
+def headstart(args, py, log):
+    out, every, steps = args.out, args.every, args.dm_steps
+    for pair in (("rcm_preset", "scratch_preset"), ("rcm_gentle", "scratch_gentle"), ("rcm_frozen", "scratch_frozen")):
+        run([[py, "train_diffusion.py", "--model", "T", *(a.format(init=args.init) for a in ARMS[arm]), "--steps",
+              str(steps), "--keep-every", str(every), "--ckpt-every", str(every), "--sample-every", "0",
+              "--eval-samples", "0", "--seed", str(args.seeds[0]), "--out", f"{out}/{arm}"] for arm in pair],
+            log, threads=1)
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = trainlib.load_checkpoint(f"{out}/rcm_preset/ckpt_last.pt", "diffusion")["config"]
+    probe = encoder_probe(cfg["image_size"], cfg["normalize"])
+    results = {}
+    for arm in ARMS:
+        results[arm] = []
+        for step in range(0, steps + 1, every):
+            model = (start_model(cfg, args.init if arm.startswith("rcm") else None, args.seeds[0]) if step == 0
+                     else ema_model(f"{out}/{arm}/ckpt_{step:07d}.pt")[0])
+            with torch.no_grad():
+                record = {"step": step, **heldout_denoising_loss(None, model=(model, cfg)), **probe(model)}
+            results[arm].append(record)
+            print(f"{arm} step {step}: held-out loss {record['loss']:.4g}, probe {record['probe_acc']:.3f}", flush=True)
+    bins = ("t in [0, 0.1)", "t in [0.1, 1)", "t in [1, 10)", "t in [10, inf)")
+    rows = ["| arm | step | held-out eq. 1 loss | MSE t in [0, 0.1) | [0.1, 1) | [1, 10) | [10, ∞) | kNN probe clean "
+            "| noisy |", "|---|---|---|---|---|---|---|---|---|"]
+    for arm, records in results.items():
+        for r in records:
+            rows.append(f"| {arm} | {r['step']} | {r['loss']:.4g} | "
+                        + " | ".join(f"{r['per_sigma'].get(b, math.nan):.4g}" for b in bins)
+                        + f" | {r['probe_acc']:.3f} | {r['probe_acc_noisy']:.3f} |")
+    line_plot(f"{out}/headstart.png", [
+        ("held-out eq. 1 loss (EMA, 1000 val images)", {a: [(r["step"], r["loss"]) for r in rs] for a, rs in
+                                                       results.items()}),
+        ("held-out MSE at t in [1, 10)", {a: [(r["step"], r["per_sigma"][bins[2]]) for r in rs] for a, rs in
+                                          results.items()}),
+        ("kNN probe of the EMA encoder (clean)", {a: [(r["step"], r["probe_acc"]) for r in rs] for a, rs in
+                                                   results.items()})], COLOURS)
+    results = {"init": args.init, "arms": {a: ARMS[a] for a in ARMS}, "results": results,
+               "stages": [{"command": c, "seconds": round(s, 1)} for c, s in log]}
+    return results, rows, f"curves: {out}/headstart.png"
+
+
+def line_plot(path, panels, colours, size=(460, 320)):
+    """Panels side by side, each (title, {series: [(x, y), ...]}), drawn with PIL; one legend below."""
+    w, h = size
+    left, right, top, bottom = 58, 12, 24, 34
+    image = Image.new("RGB", (w * len(panels), h + 18 * math.ceil(len(colours) / 3) + 8), "white")
+    draw = ImageDraw.Draw(image)
+    for k, (title, series) in enumerate(panels):
+        x0, points = k * w, [p for pts in series.values() for p in pts if math.isfinite(p[1])]
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        lo, hi = min(ys), max(ys)
+        pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
+        lo, hi = lo - pad, hi + pad
+        to_px = lambda x, y: (x0 + left + (x - min(xs)) / (max(xs) - min(xs) or 1) * (w - left - right),  # noqa: E731
+                              top + (hi - y) / (hi - lo) * (h - top - bottom))
+        draw.rectangle([x0 + left, top, x0 + w - right, h - bottom], outline=(120, 120, 120))
+        draw.text((x0 + left, 6), title, fill="black")
+        for i in range(5):
+            y = lo + (hi - lo) * i / 4
+            _, py_ = to_px(min(xs), y)
+            draw.line([x0 + left - 4, py_, x0 + left, py_], fill=(120, 120, 120))
+            draw.text((x0 + 4, py_ - 6), f"{y:.3g}", fill="black")
+        for x in sorted(set(xs))[::max(1, len(set(xs)) // 6)]:
+            px, _ = to_px(x, lo)
+            draw.line([px, h - bottom, px, h - bottom + 4], fill=(120, 120, 120))
+            draw.text((px - 10, h - bottom + 6), str(x), fill="black")
+        draw.text((x0 + w // 2 - 20, h - 14), "step", fill="black")
+        for name, pts in series.items():
+            pts = [to_px(x, y) for x, y in pts if math.isfinite(y)]
+            draw.line(pts, fill=colours[name], width=2)
+            for px, py_ in pts:
+                draw.ellipse([px - 2, py_ - 2, px + 2, py_ + 2], fill=colours[name])
+    for i, (name, colour) in enumerate(colours.items()):
+        x, y = 20 + (i % 3) * 220, h + 4 + 18 * (i // 3)
+        draw.line([x, y + 7, x + 24, y + 7], fill=colour, width=3)
+        draw.text((x + 30, y), name, fill="black")
+    image.save(path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="directory for every output (none: runs/demo or runs/ablation)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (a smoke test, samples will be poor)")
     p.add_argument("--ablation", action="store_true", help="Table 6 at small scale instead of the pipeline")
+    p.add_argument("--headstart", action="store_true", help="the head-start curves instead of the pipeline")
+    p.add_argument("--every", type=int, default=200, help="headstart: evaluate every this many steps")
     p.add_argument("--init", default=None, help="ablation: an RCM-T checkpoint to reuse (none: pre-train one)")
     p.add_argument("--pt-steps", type=int, default=300, help="ablation: pre-training steps without --init")
     p.add_argument("--dm-steps", type=int, default=9600, help="ablation: diffusion steps of both variants")
@@ -202,12 +328,17 @@ def main():
                    help="ablation: CFG scale of the diffusion samples (none: the checkpoint's, CFG 4.0 on every level)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="ablation: seeds of the fine-tunings")
     args = p.parse_args()
-    args.out = args.out or ("runs/ablation" if args.ablation else "runs/demo")
+    mode = "headstart" if args.headstart else "ablation" if args.ablation else "demo"
+    if mode == "headstart" and not args.init:
+        p.error("--headstart needs --init RCM_CKPT (a pre-trained RCM-T)")
+    args.out = args.out or f"runs/{mode}"
+    os.makedirs(args.out, exist_ok=True)
     log, t0 = [], time.time()
-    results, table, where = (ablation if args.ablation else pipeline)(args, sys.executable, log)
+    results, table, where = {"headstart": headstart, "ablation": ablation, "demo": pipeline}[mode](
+        args, sys.executable, log)
     results["total_seconds"] = round(time.time() - t0, 1)
     table.append(f"| total time | {results['total_seconds'] / 60:.1f} min |")
-    name = "results" if args.ablation else "summary"
+    name = {"headstart": "headstart", "ablation": "results", "demo": "summary"}[mode]
     with open(f"{args.out}/{name}.json", "w") as f:
         json.dump(results, f, indent=2)
     with open(f"{args.out}/{name}.md", "w") as f:
