@@ -6,7 +6,7 @@ module names written down below (RCMViT / EPGViT of the official `rcm/vit.py`), 
   * conversion uses every official tensor exactly once and fills every one of ours (tiny and full-size layouts);
   * our forward equals a forward re-derived here in plain tensor algebra from the official tensors, by official name
     (patchify, encoder block, decoder block with skip and adaLN, head, unpatchify, projector with eval BatchNorm),
-    also for the model rebuilt from a file written by `python tools/official.py convert` and read with weights_only=True;
+    also for the model rebuilt from a file written by `python tools/official.py convert` (read with weights_only);
   * a missing, extra or wrong-shaped tensor, or an unusable path, gives one line (OfficialCheckpointError, exit 2);
   * the sizes inferred for the released models, and their parameter counts against the paper's Tables 7 and 8;
   * the official time input 250 ln(sigma + 1e-44) equals ours bit for bit on the sampler grids.

@@ -2,19 +2,11 @@
 
     python tools/official.py convert SRC OUT.pt [--weights ema|online]
 
-The official code (`rcm/vit.py`: RCMViT, EPGViT; DMViT of the first release has the same names) saves folders of
-plain state dicts: nnet.pth (online weights, what the official fine-tuning reads from an RCM), nnet_ema.pth (EMA
-weights, what the official sampler reads) and target_model.pth (pre-training's momentum encoder: pass the file to use
-it). SRC is such a folder or one .pth file; in a folder --weights picks the file, by default as the official scripts:
-EMA for an EPG, online for an RCM (the other file if that one is absent). OUT.pt (never overwritten, written
-atomically) is read like a checkpoint of our scripts (fine-tuning --init, sample.py --ckpt): "stage" ("pretrain",
-"diffusion" or "consistency"), "step" 0, "model" (and for an EPG "ema", the same tensors, stored once) and "config"
-(model, image_size, patch_size, normalize, converted_from; an RCM's proj_dim; an EPG's num_classes and the official
-sampler's settings as "sampling", keyed by sample.py's arguments).
-
-The model size comes from the tensor shapes; the head counts, which a state dict does not hold, from the matching
-entry of models.MODEL_CONFIGS (Tables 7 and 8). A checkpoint that matches no entry is refused. An RCM saved without
-its projector converts to the encoder alone (proj_dim None), enough for --init.
+SRC is a released folder (nnet.pth: online weights, nnet_ema.pth: EMA weights) or one .pth file (e.g. a momentum
+encoder's target_model.pth). By default a folder gives the EMA weights of an EPG and the online ones of an RCM, as the
+official scripts use them. OUT.pt (never overwritten, written atomically) loads like our checkpoints (fine-tuning
+--init, sample.py --ckpt); its config records the official sampler's settings ("sampling", sample.py's arguments).
+The size comes from the tensor shapes, the head counts from the matching models.MODEL_CONFIGS entry.
 """
 import argparse
 import contextlib
@@ -29,41 +21,31 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import models  # noqa: E402
 
-# Official parameter names -> ours ({i} a block or layer index, {p} a parameter or buffer name). Every conversion is a
-# renaming, no tensor is reordered: the official attention splits the qkv rows as (3, heads, head_dim) and its
-# unpatchify reads each token as (p1, p2, c), as ours do; the adaLN chunks (shift, scale, gate) x (attention, MLP) and
-# the skip concat [decoder stream ; encoder skip] come in the same order; every LayerNorm has eps 1e-5 and an affine;
-# the MLP is fc1 -> exact GELU -> fc2 (our Sequential indices 0 and 2). time_embed (nn.Identity) and the projector's
-# ReLUs hold no tensors.
+# Official parameter names -> ours ({i} a block or layer index, {p} a parameter or buffer name); no tensor is
+# reordered (qkv rows split as (3, heads, head_dim), tokens unpatchified as (p1, p2, c), adaLN chunks and the skip
+# concat [decoder ; encoder skip] in the same order, LayerNorm eps 1e-5, MLP fc1 -> exact GELU -> fc2).
 BLOCK_PARTS = [("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("norm2", "norm2"),
                ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")]           # the tensors of a transformer block
 DECODER_PARTS = BLOCK_PARTS + [("skip_linear", "skip_linear"), ("skip_norm", "skip_norm"),
                                ("adaLN_modulation.1", "adaLN_modulation.1")]
 NAME_TABLE = [
     # shared ViT encoder (RCMViT and EPGViT)
-    ("patch_embed.proj.{p}", "encoder.patch_embed.{p}"),
-    ("cls_token", "encoder.cls_token"),
-    ("pos_embed", "encoder.pos_embed"),
+    ("patch_embed.proj.{p}", "encoder.patch_embed.{p}"), ("cls_token", "encoder.cls_token"),
+    ("pos_embed", "encoder.pos_embed"), ("norm.{p}", "encoder.norm.{p}"),
     *[("blocks.{i}." + official + ".{p}", "encoder.blocks.{i}." + ours + ".{p}") for official, ours in BLOCK_PARTS],
-    ("norm.{p}", "encoder.norm.{p}"),
     # RCMViT only: the projector (Linear 0, BN 1, ReLU 2, Linear 3, BN 4, ReLU 5, Linear 6), same indices
     ("projection_head.{i}.{p}", "projector.{i}.{p}"),
     # EPGViT only: class table, width bridge, decoder, head
-    ("class_embed.weight", "class_embed.weight"),
-    ("encoder_to_decoder.{p}", "enc_to_dec.{p}"),
+    ("class_embed.weight", "class_embed.weight"), ("encoder_to_decoder.{p}", "enc_to_dec.{p}"),
     *[("decoder_blocks.{i}." + official + ".{p}", "dec_blocks.{i}." + ours + ".{p}") for official, ours in
       DECODER_PARTS],
-    ("out_norm.{p}", "out_norm.{p}"),
-    ("out.{p}", "out.{p}"),
+    ("out_norm.{p}", "out_norm.{p}"), ("out.{p}", "out.{p}"),
 ]
 
-# How the official sampler runs a released generator (its sample.py, rcm/rcm_denoiser.py and configs), so that the
-# released FIDs reproduce. normalize: "imagenet" ((x - mean_IN) / (2 std_IN), every released diffusion config), but
-# "simple" (2x - 1) for the unconditional consistency release (no class table, no `std` in its config). clamp
-# "official": the denoiser output clamped to [-1, 1] in normalised space. The null class is index num_classes, as in
-# models.EPG; the official time input 250 ln(sigma~ + 1e-44) equals our losses.c_noise bit for bit on every grid used
-# (tests/test_official.py). Sampler: fp32 EMA weights, Heun over 32 Karras points without a final sigma = 0, CFG on
-# (0.19 s, 1.61 s]; the consistency model samples in one step from s * 80.
+# The official sampler (its sample.py, rcm/rcm_denoiser.py, configs): fp32 EMA weights, the denoiser output clamped
+# to [-1, 1], Heun over 32 Karras points without a final sigma = 0 and CFG on (0.19 s, 1.61 s], or one consistency
+# step; "imagenet" normalisation, but "simple" (2x - 1) for the unconditional consistency release. Its null class
+# and time input 250 ln(sigma~ + 1e-44) equal ours (bit for bit on every grid used: tests/test_official.py).
 OFFICIAL_SAMPLING = {
     "diffusion": dict(clamp="official", sampler="heun", steps=32, cfg_interval=(0.19, 1.61)),
     "consistency": dict(clamp="official", sampler="consistency", steps=1),
@@ -86,9 +68,6 @@ class OfficialCheckpointError(ValueError):
     """An official checkpoint that cannot be read or does not match our models (one-line message)."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Names, and the size of an official state dict
-# ----------------------------------------------------------------------------------------------------------------
 def _rules(pairs):
     """(regex of one template with {i}/{p} as named groups, the other template) for each pair."""
     return [(re.compile(re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[A-Za-z_]+)")),
@@ -100,7 +79,7 @@ _BACKWARD = _rules((ours, official) for official, ours in NAME_TABLE)
 
 
 def _rename(name, rules):
-    """The renamed `name` by the first matching rule, or None (official_to_ours / ours_to_official)."""
+    """`name` renamed by the first rule it matches (_FORWARD: official -> ours, _BACKWARD: ours -> official)."""
     for regex, template in rules:
         match = regex.fullmatch(name)
         if match:
@@ -116,8 +95,7 @@ def _strip_module_prefix(sd):
 
 
 def is_official_state_dict(sd):
-    """True for the official key layout (top-level patch_embed.proj / pos_embed / cls_token of RCMViT or EPGViT);
-    False for our state dicts (keys under encoder.) and our checkpoint files."""
+    """True for the official key layout; False for our state dicts (keys under encoder.) and checkpoint files."""
     if not isinstance(sd, dict):
         return False
     sd = _strip_module_prefix(sd)
@@ -137,9 +115,8 @@ def _shape(sd, key):
 
 
 def infer_official_config(sd):
-    """Model size of an official state dict: dict(kind "rcm" | "epg", model (a models.MODEL_CONFIGS name),
-    image_size, patch_size, num_classes (EPG: class-table rows - 1, the null index, 0 without a class table; None for
-    an RCM), proj_dim (RCM projector output; None for an EPG or an RCM without projector), depth, enc_dim, dec_dim)."""
+    """dict(kind "rcm" | "epg", model (a models.MODEL_CONFIGS name), image_size, patch_size, num_classes (EPG: the
+    null index, 0 without a class table), proj_dim (RCM projector output or None), depth, enc_dim, dec_dim)."""
     if not is_official_state_dict(sd):
         raise OfficialCheckpointError(NOT_OFFICIAL)
     sd = _strip_module_prefix(sd)
@@ -148,39 +125,30 @@ def infer_official_config(sd):
     if len(patch_shape) != 4 or grid == 0 or grid * grid != pos_shape[1] - 2:   # other shapes: convert_state_dict
         raise OfficialCheckpointError(f"official patch embedding {patch_shape} and pos_embed {pos_shape} are not of "
                                       f"the shapes (D, 3, p, p) and (1, 2 + m*m, D)")
-    enc_dim, patch_size, depth = patch_shape[0], patch_shape[2], _block_count(sd, "blocks.")
-    dec_depth = _block_count(sd, "decoder_blocks.")
-    config = dict(kind="epg" if dec_depth else "rcm", image_size=grid * patch_size, patch_size=patch_size,
-                  depth=depth, enc_dim=enc_dim)
-    sizes = {name: models.model_config(name) for name in models.MODEL_CONFIGS}
-    if dec_depth:
-        dec_dim = _shape(sd, "out_norm.weight")[0]
-        num_classes = _shape(sd, "class_embed.weight")[0] - 1 if "class_embed.weight" in sd else 0
-        config.update(num_classes=num_classes, proj_dim=None, dec_dim=dec_dim)
-        names = [n for n, c in sizes.items() if dec_depth == depth
-                 and (c["depth"], c["enc_dim"], c["dec_dim"], c["tokens_per_side"]) == (depth, enc_dim, dec_dim, grid)]
-        described = f"EPG with encoder {depth}x{enc_dim}, decoder {dec_depth}x{dec_dim}"
-    else:
-        last = _block_count(sd, "projection_head.") - 1
-        config.update(num_classes=None, dec_dim=enc_dim,
-                      proj_dim=_shape(sd, f"projection_head.{last}.weight")[0] if last >= 0 else None)
-        # an RCM is named after the model whose decoder mirrors its encoder (RCM-B, not RCM-XL)
-        names = [n for n, c in sizes.items()
-                 if (c["depth"], c["enc_dim"], c["tokens_per_side"]) == (depth, enc_dim, grid)
-                 and (c["dec_dim"], c["dec_heads"]) == (c["enc_dim"], c["enc_heads"])]
-        described = f"RCM with encoder {depth}x{enc_dim}"
+    depth, dec_depth = _block_count(sd, "blocks."), _block_count(sd, "decoder_blocks.")
+    enc_dim, patch_size, kind = patch_shape[0], patch_shape[2], "epg" if dec_depth else "rcm"
+    config = dict(kind=kind, image_size=grid * patch_size, patch_size=patch_size, depth=depth, enc_dim=enc_dim,
+                  dec_dim=enc_dim, num_classes=None, proj_dim=None)
+    if kind == "epg":
+        config["dec_dim"] = _shape(sd, "out_norm.weight")[0]
+        config["num_classes"] = _shape(sd, "class_embed.weight")[0] - 1 if "class_embed.weight" in sd else 0
+    elif _block_count(sd, "projection_head."):
+        config["proj_dim"] = _shape(sd, f"projection_head.{_block_count(sd, 'projection_head.') - 1}.weight")[0]
+    # an RCM is named after the model whose decoder mirrors its encoder (RCM-B, not RCM-XL)
+    size = (depth, enc_dim, config["dec_dim"], grid)
+    names = [n for n, c in ((n, models.model_config(n)) for n in models.MODEL_CONFIGS)
+             if (c["depth"], c["enc_dim"], c["dec_dim"], c["tokens_per_side"]) == size
+             and (dec_depth == depth if kind == "epg" else c["dec_heads"] == c["enc_heads"])]
     if not names:
-        raise OfficialCheckpointError(f"official checkpoint ({described}, patch {patch_size} at "
-                                      f"{config['image_size']}px) matches none of our model configurations "
-                                      f"({', '.join(models.MODEL_CONFIGS)}); add it to models.MODEL_CONFIGS with "
-                                      f"its head counts")
+        decoder = f", decoder {dec_depth}x{config['dec_dim']}" if dec_depth else ""
+        raise OfficialCheckpointError(f"official {kind.upper()} checkpoint (encoder {depth}x{enc_dim}{decoder}, patch "
+                                      f"{patch_size} at {config['image_size']}px) matches none of our model "
+                                      f"configurations ({', '.join(models.MODEL_CONFIGS)}); add it to "
+                                      f"models.MODEL_CONFIGS with its head counts")
     config["model"] = names[0]
     return config
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Conversion
-# ----------------------------------------------------------------------------------------------------------------
 def build_model(config):
     """Our model (random init) for an inferred official `config`, to load the converted state dict into."""
     if config["kind"] == "epg":
@@ -188,15 +156,10 @@ def build_model(config):
     return models.build_rcm(config["model"], config["image_size"], config["proj_dim"])
 
 
-def _short_list(items, limit=6):
-    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return f"[{', '.join(items[:limit])}{more}]"
-
-
 def convert_state_dict(sd):
-    """Official RCMViT / EPGViT (or DMViT) state dict -> (infer_official_config(sd), our state dict, which loads with
-    strict=True into build_model(config)). Every official tensor is used exactly once and every one of ours is
-    filled, else OfficialCheckpointError lists the missing, unexpected and wrong-shaped tensors (official names)."""
+    """Official RCMViT / EPGViT state dict -> (infer_official_config(sd), our state dict for build_model(config)):
+    every tensor used once and every one of ours filled, else an error names the missing, unexpected and
+    wrong-shaped ones."""
     sd = _strip_module_prefix(sd) if isinstance(sd, dict) else sd
     config = infer_official_config(sd)
     kind = config["kind"]
@@ -205,14 +168,13 @@ def convert_state_dict(sd):
     if kind == "rcm" and config["proj_dim"] is None:                      # saved without projector: encoder only
         target = {k: v for k, v in target.items() if k.startswith("encoder.")}
     if kind == "epg" and config["num_classes"] == 0:
-        # unconditional official model (its forward adds no class embedding): our EPG with num_classes = 0 has one
-        # class row, the null class 0, filled with zeros below -> the same computation
+        # unconditional (no class embedding): our EPG's one class row, the null class 0, is filled with zeros below
         del target["class_embed.weight"]
 
     converted, matched, unexpected, wrong_shape = {}, set(), [], []
     for name, tensor in sd.items():
         ours = _rename(name, _FORWARD)
-        if ours is None or ours not in target or ours in matched:
+        if ours not in target:
             unexpected.append(name)
             continue
         matched.add(ours)
@@ -221,9 +183,11 @@ def convert_state_dict(sd):
         else:
             converted[ours] = tensor
     missing = [_rename(k, _BACKWARD) for k in target if k not in matched]
-    problems = [f"{len(names)} {label} {_short_list(names)}" for label, names in
-                (("missing", missing), ("unexpected", unexpected), ("wrong-shaped (got vs expected)", wrong_shape))
-                if names]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong-shaped (got vs expected)",
+                                                                            wrong_shape)):
+        if names:
+            problems.append(f"{len(names)} {label} [{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}]")
     if problems:
         raise OfficialCheckpointError(f"official {kind.upper()} checkpoint does not match our {kind.upper()}-"
                                       f"{config['model']} at {config['image_size']}px: " + "; ".join(problems))
@@ -233,9 +197,8 @@ def convert_state_dict(sd):
 
 
 def official_sampling(config):
-    """(stage, normalize, sampling) of the official sampler for the EPG of `config` (see OFFICIAL_SAMPLING). The
-    weights alone do not say whether a model is a diffusion or a consistency model: the released generators do.
-    cfg_scale is left out where the official scale is unknown or unused (unconditional model)."""
+    """(stage, normalize, sampling) of the official sampler for the EPG of `config`. The stage comes from the
+    released generators (weights do not tell); cfg_scale is left out where unknown or unused (unconditional)."""
     stage, cfg_scale = RELEASED_GENERATORS.get((config["model"], config["image_size"]), ("diffusion", None))
     conditional = config["num_classes"] > 0
     sampling = dict(OFFICIAL_SAMPLING[stage])
@@ -244,9 +207,6 @@ def official_sampling(config):
     return stage, "imagenet" if conditional else "simple", sampling
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Files, folders and our checkpoint
-# ----------------------------------------------------------------------------------------------------------------
 def _checkpoint_file(path, weights):
     if os.path.isdir(path):
         for name in CHECKPOINT_FILES[weights]:
@@ -268,7 +228,7 @@ def _read_state_dict(file):
                                       f"checkpoint") from None
     if not is_official_state_dict(sd):
         raise OfficialCheckpointError(f"'{file}' is {NOT_OFFICIAL}")
-    return _strip_module_prefix(sd)
+    return sd
 
 
 def official_checkpoint(path, weights=None):
@@ -319,20 +279,18 @@ def main(argv=None):
     command = commands.add_parser("convert", help="write one of our checkpoints from a released folder or .pth file")
     command.add_argument("src", metavar="SRC", help="a released folder (nnet_ema.pth / nnet.pth) or one .pth file")
     command.add_argument("out", metavar="OUT.pt", help="the checkpoint to write (must not exist)")
-    command.add_argument("--weights", choices=tuple(CHECKPOINT_FILES), default=None,
-                         help="in a folder: nnet_ema.pth (ema) or nnet.pth (online); default: ema for an EPG, "
-                              "online for an RCM, as the official scripts")
+    command.add_argument("--weights", choices=tuple(CHECKPOINT_FILES),
+                         help="in a folder: nnet_ema.pth (ema) or nnet.pth (online); default: ema (EPG), online (RCM)")
     args = parser.parse_args(argv)
     try:
         checkpoint = convert(args.src, args.out, args.weights)
     except OfficialCheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    cfg = checkpoint["config"]
-    kind = "RCM" if checkpoint["stage"] == "pretrain" else "EPG"
+    cfg, stage = checkpoint["config"], checkpoint["stage"]
     sampling = ", ".join(f"{k} {v}" for k, v in cfg.get("sampling", {}).items())
-    print(f"wrote {args.out}: {kind}-{cfg['model']}/{cfg['patch_size']} at {cfg['image_size']}px, stage "
-          f"{checkpoint['stage']}, normalize {cfg['normalize']}, from {cfg['converted_from']}"
+    print(f"wrote {args.out}: {'RCM' if stage == 'pretrain' else 'EPG'}-{cfg['model']}/{cfg['patch_size']} at "
+          f"{cfg['image_size']}px, stage {stage}, normalize {cfg['normalize']}, from {cfg['converted_from']}"
           + (f"; sampling defaults: {sampling}" if sampling else ""))
 
 

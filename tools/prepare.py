@@ -4,7 +4,7 @@ SRC into DST/<same sub-folders>/<same stem>.png, lossless.
     python tools/prepare.py /data/imagenet/train /data/in256/train --image-size 256 --workers 16
     python tools/prepare.py /data/imagenet/val   /data/in256/val   --image-size 256 --workers 16
 
-Existing outputs are skipped, so rerunning resumes. Unreadable inputs are reported and skipped; a destination that
+Existing outputs are skipped, so a rerun resumes. Unreadable inputs are skipped and reported; a destination that
 cannot be written (a full disk, DST a file) stops the run with one line and exit code 2.
 """
 import argparse
@@ -29,33 +29,27 @@ def _prepare_one(job):
             image = data.adm_center_crop(im, image_size)
     except Exception as error:                  # any decoding problem: the input is unusable, the run goes on
         return source, ("read", f"{type(error).__name__}: {error}")
-    partial = destination.with_name("." + destination.name + ".partial")      # never leave a half-written PNG
+    partial = destination.with_name("." + destination.name + ".partial")      # never a half-written PNG
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         image.save(partial, format="PNG", compress_level=0)
         os.replace(partial, destination)
+        return source, None
     except OSError as error:
         with contextlib.suppress(OSError):
             partial.unlink()
         return source, ("write", f"cannot write {destination} ({error.strerror or error})")
-    return source, None
 
 
 def prepare(source_dir, destination_dir, image_size, workers=0):
-    """ADM-center-crop every image under source_dir into destination_dir/<same sub-folders>/<same stem>.png
-    (lossless, compress_level=0); existing outputs are skipped, so a rerun resumes. -> (written, skipped, failed),
-    failed a list of (path, error) of unreadable inputs. A write failure raises trainlib.UserError."""
+    """The module docstring's work -> (written, skipped, failed: [(path, error)] of unreadable inputs); a write
+    failure raises trainlib.UserError."""
     from tqdm import tqdm
     source_dir, destination_dir = Path(source_dir), Path(destination_dir)
     if not source_dir.is_dir():
         raise trainlib.UserError(f"source folder {source_dir} does not exist or is not a directory")
     if image_size <= 0:
         raise trainlib.UserError(f"--image-size must be positive, got {image_size}")
-    try:
-        destination_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise trainlib.UserError(f"cannot create the destination folder {destination_dir} "
-                                 f"({error.strerror or error})") from None
     jobs, seen, skipped, failed = [], set(), 0, []
     for folder, subfolders, files in os.walk(source_dir):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
@@ -96,11 +90,9 @@ def main(argv=None):
                    help="worker processes; 0 = in this process")
     args = p.parse_args(argv)
     written, skipped, failed = prepare(args.src, args.dst, args.image_size, args.workers)
-    print(f"wrote {written} PNGs to {args.dst}, skipped {skipped} that already existed, {len(failed)} unreadable")
-    for source, error in failed[:20]:
+    for source, error in failed:
         print(f"warning: skipped {source}: {error}", file=sys.stderr)
-    if len(failed) > 20:
-        print(f"warning: ... and {len(failed) - 20} more unreadable inputs", file=sys.stderr)
+    print(f"wrote {written} PNGs to {args.dst}, skipped {skipped} that already existed, {len(failed)} unreadable")
 
 
 if __name__ == "__main__":
