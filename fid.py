@@ -1,61 +1,49 @@
 """Sample-quality metrics: FID, sFID, Inception Score and improved precision/recall.
 
-The numbers follow the evaluators the paper reports against (the ADM evaluator of guided-diffusion, with the
-2015-12-05 TensorFlow Inception-v3 graph) and are numerically compatible with pytorch-fid / torch-fidelity:
+The numbers follow the evaluator the paper reports against (ADM's, with the 2015-12-05 TensorFlow Inception-v3 graph)
+and are numerically compatible with pytorch-fid / torch-fidelity:
 
     metric      features (per image)                          statistic
-    ------      --------------------                          ---------
     FID         pool_3, 2048-d                                Frechet distance of Gaussians (float64, unbiased cov)
     sFID        mixed_6/conv, first 7 channels, 17*17*7=2023  same
     IS          softmax(pool_3 @ W), 1008 classes, no bias    exp E[KL(p(y|x) || p(y))], mean over chunks of 5000
-    Prec/Rec    pool_3, 2048-d                                k-NN manifolds, k = 3 (Kynkaanniemi et al. 2019),
-                                                              squared distances in float64 (ADM: fp16)
+    Prec/Rec    pool_3, 2048-d                                k-NN manifolds, k = 3 (Kynkaanniemi et al. 2019)
 
-Network. The FID variant of Inception-v3 as pytorch-fid ports it (three modified blocks: average pools that ignore
-the zero padding, a max pool in the last block; 1008 logits). Parameter names equal torchvision's Inception3, so
-pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (and torch-fidelity's `weights-inception-...-6726825d.pth`,
-same keys) loads strictly. The sFID layer: the TF graph's `mixed_6` is the fourth 17x17 block (`mixed`,
-`mixed_1`, `mixed_2` are Mixed_5b/c/d, `mixed_3` is Mixed_6a, `mixed_4..7` are Mixed_6b..e), and its `conv` is
-the 1x1 branch, i.e. `Mixed_6d.branch1x1` after its ReLU. ADM keeps channels [:7] of the NHWC tensor and flattens
-in (h, w, c) order; we do the same so that the `mu_s`/`sigma_s` of ADM reference batches are comparable.
+Network: the FID Inception-v3 as pytorch-fid ports it, with torchvision's parameter names, so pytorch-fid's
+`pt_inception-2015-12-05-6726825d.pth` (and torch-fidelity's file of the same hash) loads strictly. The TF graph's
+`mixed_6/conv` is `Mixed_6d.branch1x1` after its ReLU; like ADM we keep channels [:7] flattened in (h, w, c) order, so
+the `mu_s`/`sigma_s` of ADM reference batches are comparable.
 
-Resize and normalisation (uint8 images in, any size):
-    --resize tf (default)    float [0, 255] -> TF1 bilinear resize to 299 (align_corners=False, no half-pixel
-                             offset: what the TF graph of the ADM evaluator does; torch-fidelity's re-implementation)
-                             -> (x - 128) / 128.  Use this to compare with ADM reference batches and papers.
-    --resize pytorch-fid     x / 255 in [0, 1] -> F.interpolate(bilinear, align_corners=False) to 299 -> 2x - 1.
-                             Reproduces pytorch-fid's numbers (its README: ~1e-3 relative FID from TF).
+Resize (uint8 images of any size in):
+    --resize tf (default)  TF1 bilinear resize of [0, 255] to 299 (no half-pixel offset, as the ADM evaluator's graph
+                           and torch-fidelity), then (x - 128) / 128. Use it to compare with ADM batches and papers.
+    --resize pytorch-fid   x / 255, F.interpolate(bilinear) to 299, 2x - 1: pytorch-fid's numbers.
 
-Inputs (SAMPLES and REFERENCE may each be any of):
-    a folder of .png / .jpg / .jpeg images (sorted by name, all the same size, converted to RGB);
-    a sample npz: `arr_0` (N, H, W, 3) uint8, optional `arr_1` (N,) integer labels (DiT / ADM sample format);
-    an ADM reference batch npz: `arr_0` (reference images, used for precision/recall) and precomputed `mu`, `sigma`,
-        `mu_s`, `sigma_s` (statistics over the whole data set: these are used for FID/sFID, as ADM does);
-    a statistics file written by `--save-stats`: `mu`, `sigma` (pool_3, pytorch-fid's key names, so pytorch-fid can
-        read it), `mu_s`, `sigma_s` (spatial), `pool_features` (N, 2048) float32 for precision/recall, `logits`
-        (N, 1008) float32 for IS, `resize` (the mode that produced them) and `image_size` (H, W). We store pool
-        features rather than images: 8 KB per image, and all precision/recall needs. A pytorch-fid stats file
-        (mu, sigma) gives FID only.
-SAMPLES and REFERENCE of two image sizes (where both are known) are refused.
+SAMPLES and REFERENCE may each be a folder of .png/.jpg/.jpeg images (sorted by name, one size); a sample npz
+(`arr_0` (N, H, W, 3) uint8, read memory-mapped); an ADM reference batch (its precomputed `mu`, `sigma`, `mu_s`,
+`sigma_s` describe the whole data set and are used for FID/sFID, its `arr_0` for precision/recall); or a statistics
+file of `--save-stats`: `mu`, `sigma` (pytorch-fid's keys), `mu_s`, `sigma_s`, `pool_features` (N, 2048) and
+`logits` (N, 1008) float32, `resize` and `image_size`. A pytorch-fid stats file (mu, sigma) gives FID only.
 
-Usage:
-    python fid.py SAMPLES REFERENCE [--inception PATH] [--batch-size 100] [--device cuda] [--resize tf]
+    python fid.py SAMPLES REFERENCE [--inception PATH] [--batch-size 100] [--device cuda] [--resize tf] [--out m.json]
     python fid.py SAMPLES --save-stats stats.npz
     torchrun --nproc_per_node 8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz
 
 Inception weights are never downloaded: --inception PATH, else $EPG_INCEPTION, else the torch hub cache
-(torch.hub.get_dir()/checkpoints/pt_inception-2015-12-05-6726825d.pth, or torch-fidelity's file name there). A cached
-file must have the sha256 prefix 6726825d; an explicitly given one that does not is used with a warning.
-The embedded shapes data set is scored without Inception by `python data.py score SAMPLES.npz`.
+(torch.hub.get_dir()/checkpoints/). A cached file must have the sha256 prefix 6726825d; a given one that does not is
+used with a warning. The embedded shapes data set is scored without Inception: `python shapes.py score SAMPLES.npz`.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import sys
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -63,9 +51,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
+from torchvision.models import inception
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_FILENAME_TORCH_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"
@@ -77,6 +65,7 @@ IS_SPLIT_SIZE = 5000          # ADM: consecutive chunks of 5000 images, mean ove
 PR_NEIGHBOURS = 3             # k of the k-NN manifold radius (Kynkaanniemi et al. 2019; ADM)
 RESIZE_MODES = ("tf", "pytorch-fid")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features", "logits")
 
 
 class MetricsError(Exception):
@@ -86,35 +75,15 @@ class MetricsError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # The FID Inception-v3 (the 2015-12-05 TF graph as pytorch-fid ports it)
 # ----------------------------------------------------------------------------------------------------------------
-class BasicConv2d(nn.Module):
-    """Conv (no bias) -> BatchNorm (eps 1e-3, as in the TF graph) -> ReLU."""
-
-    def __init__(self, in_channels, out_channels, **conv_kwargs):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **conv_kwargs)
-        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
 def tf_avg_pool_3x3(x):
     """3x3/1 average pool whose border windows average only real pixels (TF 'SAME'; torchvision counts the pad)."""
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
-class InceptionA(nn.Module):
+# The FID graph differs from torchvision's Inception-v3 in three blocks only (pytorch-fid's FIDInceptionA/C/E): their
+# average pools ignore the zero padding, and Mixed_7c pools with a max. Layers and parameter names are torchvision's.
+class InceptionA(inception.InceptionA):
     """35x35 block (Mixed_5b/c/d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
-
-    def __init__(self, in_channels, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
 
     def forward(self, x):
         return torch.cat([
@@ -125,40 +94,8 @@ class InceptionA(nn.Module):
         ], dim=1)
 
 
-class InceptionB(nn.Module):
-    """35x35 -> 17x17 reduction (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, kernel_size=3, stride=2),
-        ], dim=1)
-
-
-class InceptionC(nn.Module):
-    """17x17 block (Mixed_6b..e) with factorised 7x7 convolutions: 1x1 | 1x1-1x7-7x1 | 1x1-(7x1-1x7)x2 | avgpool-1x1."""
-
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+class InceptionC(inception.InceptionC):
+    """17x17 block (Mixed_6b..e), factorised 7x7 convolutions: 1x1 | 1x1-1x7-7x1 | 1x1-(7x1-1x7)x2 | avgpool-1x1."""
 
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
@@ -168,41 +105,13 @@ class InceptionC(nn.Module):
         return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_avg_pool_3x3(x))], dim=1)
 
 
-class InceptionD(nn.Module):
-    """17x17 -> 8x8 reduction (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        b7x3 = x
-        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7x3 = conv(b7x3)
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7x3, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    """8x8 block (Mixed_7b/c) with split 1x3 / 3x1 outputs. The FID graph pools with an average (TF 'SAME') in
-    Mixed_7b and with a *max* pool in Mixed_7c (`pool="max"`), unlike the Inception-v3 paper."""
+class InceptionE(inception.InceptionE):
+    """8x8 block (Mixed_7b/c) with split 1x3 / 3x1 outputs; its pool is an average (TF 'SAME') in Mixed_7b and a
+    *max* in Mixed_7c (pool="max"), unlike the Inception-v3 paper."""
 
     def __init__(self, in_channels, pool):
-        super().__init__()
+        super().__init__(in_channels)
         self.pool = pool
-        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
 
     def forward(self, x):
         b3 = self.branch3x3_1(x)
@@ -242,16 +151,13 @@ def resize_bilinear_tf1(images, size=INCEPTION_SIZE):
 def preprocess_for_inception(images_uint8, resize="tf"):
     """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) in [-1, 1] (see the module docstring for the two modes)."""
     if resize == "tf":
-        x = resize_bilinear_tf1(images_uint8.float(), INCEPTION_SIZE)
-        return (x - 128) / 128
-    if resize == "pytorch-fid":
-        x = images_uint8.float() / 255
-        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-        return 2 * x - 1
-    raise ValueError(f"unknown resize mode '{resize}': choose one of {RESIZE_MODES}")
+        return (resize_bilinear_tf1(images_uint8.float(), INCEPTION_SIZE) - 128) / 128
+    x = F.interpolate(images_uint8.float() / 255, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
+                      align_corners=False)
+    return 2 * x - 1
 
 
-class FIDInceptionV3(nn.Module):
+class FIDInceptionV3(inception.Inception3):
     """Inception-v3 of the FID graph. forward(uint8 (N, 3, H, W)) -> dict of float32 features per image:
         "pool"    (N, 2048)  pool_3 (FID, precision/recall)
         "spatial" (N, 2023)  mixed_6/conv = Mixed_6d.branch1x1, channels [:7], flattened in (h, w, c) order (sFID)
@@ -259,27 +165,14 @@ class FIDInceptionV3(nn.Module):
     """
 
     def __init__(self, resize="tf"):
-        super().__init__()
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode '{resize}': choose one of {RESIZE_MODES}")
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False)   # 1008 classes as in the TF graph
         self.resize = resize
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
-        self.fc = nn.Linear(2048, 1008)            # 1008 classes as in the TF graph; the bias is unused (see logits)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, channels_7x7=128), InceptionC(768, channels_7x7=160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, channels_7x7=160), InceptionC(768, channels_7x7=192)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, pool="avg"), InceptionE(2048, pool="max")
 
     def forward(self, images_uint8):
         x = preprocess_for_inception(images_uint8, self.resize)               # (N, 3, 299, 299)
@@ -307,11 +200,9 @@ def sha256_of_file(path):
 
 
 def find_inception_weights(path=None):
-    """Path of the Inception weights: `path`, else $EPG_INCEPTION, else the torch hub cache.
-
-    A file in the hub cache must have the sha256 prefix 6726825d (else MetricsError); an explicitly given file
-    that does not only triggers a warning, so that test weights can be used.
-    """
+    """Path of the Inception weights: `path`, else $EPG_INCEPTION, else the torch hub cache (whose file must have the
+    sha256 prefix 6726825d; an explicitly given file that does not only triggers a warning, so that test weights
+    can be used)."""
     explicit = path or os.environ.get("EPG_INCEPTION")
     if explicit:
         explicit = Path(explicit).expanduser()
@@ -324,8 +215,7 @@ def find_inception_weights(path=None):
                           f"the FID Inception weights, so the numbers are not comparable with published FIDs")
         return explicit
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    for name in (INCEPTION_FILENAME, INCEPTION_FILENAME_TORCH_FIDELITY):
-        cached = hub_dir / name
+    for cached in (hub_dir / INCEPTION_FILENAME, hub_dir / INCEPTION_FILENAME_TORCH_FIDELITY):
         if cached.is_file():
             digest = sha256_of_file(cached)
             if not digest.startswith(INCEPTION_SHA256_PREFIX):
@@ -334,12 +224,12 @@ def find_inception_weights(path=None):
             return cached
     raise MetricsError(f"Inception weights {INCEPTION_FILENAME} not found (fid.py never downloads): fetch "
                        f"{INCEPTION_URL} (pytorch-fid's GitHub release) and put it in {hub_dir}/, or pass "
-                       f"--inception PATH, or set EPG_INCEPTION=PATH (the embedded shapes data set needs none: "
-                       f"python data.py score)")
+                       f"--inception PATH, or set EPG_INCEPTION=PATH")
 
 
 def load_inception(path=None, device="cpu", resize="tf"):
-    """FIDInceptionV3 in eval mode with the weights from `find_inception_weights(path)` loaded strictly."""
+    """FIDInceptionV3 in eval mode with the weights of find_inception_weights(path), loaded strictly (up to
+    BatchNorm's num_batches_tracked counters, which pytorch-fid's file lacks)."""
     path = find_inception_weights(path)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -348,16 +238,14 @@ def load_inception(path=None, device="cpu", resize="tf"):
         raise MetricsError(f"cannot read Inception weights '{path}' ({reason}): the file is corrupt or not a "
                            f"state dict; download {INCEPTION_FILENAME} again from {INCEPTION_URL}") from None
     model = FIDInceptionV3(resize)
-    if not isinstance(state_dict, dict):
-        raise MetricsError(f"'{path}' holds a {type(state_dict).__name__}, not a state dict of {INCEPTION_FILENAME}")
-    expected = set(model.state_dict())
-    missing = {k for k in expected - set(state_dict) if not k.endswith("num_batches_tracked")}
-    unexpected = set(state_dict) - expected
+    keys = set(state_dict) if isinstance(state_dict, dict) else set()
+    missing = sorted(k for k in set(model.state_dict()) - keys if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(keys - set(model.state_dict()))
     if missing or unexpected:
         raise MetricsError(f"'{path}' is not the FID Inception state dict: {len(missing)} missing keys (e.g. "
-                           f"{sorted(missing)[:2]}), {len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:2]})")
+                           f"{missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
     try:
-        model.load_state_dict(state_dict, strict=False)     # strict up to BatchNorm's num_batches_tracked counters
+        model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:
         raise MetricsError(f"'{path}' has tensors of the wrong shape for the FID Inception: "
                            f"{str(e).strip().splitlines()[-1].strip()}") from None
@@ -371,8 +259,7 @@ class FolderImages:
     """The .png/.jpg/.jpeg images of a folder, sorted by name; read(start, stop) -> uint8 (n, H, W, 3)."""
 
     def __init__(self, folder):
-        self.folder = Path(folder)
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
             raise MetricsError(f"folder '{folder}' contains no {'/'.join(IMAGE_EXTENSIONS)} images")
         self.image_shape = self._load(self.files[0]).shape
@@ -400,18 +287,16 @@ class FolderImages:
 
 class NpzImages:
     """`arr_0` of an npz file, (N, H, W, 3) uint8, without loading it whole (a 50k x 256^2 sample batch is 10 GB):
-    memory-mapped when stored uncompressed (np.savez), loaded into memory when compressed. read(start, stop) ->
-    uint8 (n, H, W, 3)."""
+    memory-mapped when stored uncompressed (np.savez), loaded when compressed. read(start, stop) -> (n, H, W, 3)."""
 
     def __init__(self, path, key="arr_0"):
         member = key + ".npy"
         with zipfile.ZipFile(path) as archive, archive.open(member) as f:
             info = archive.getinfo(member)
             version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
             header_bytes = f.tell()
         if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
             raise MetricsError(f"'{path}': {key} must be uint8 images of shape (N, H, W, 3) (NHWC, as written by "
@@ -436,15 +321,12 @@ class NpzImages:
         return np.array(self.array[start:stop])                     # a writable copy, not a view of the file
 
 
-STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features", "logits")
-
-
 def check_statistics(stats, source):
     """Validate the arrays of a statistics / reference file; raises MetricsError naming the problem."""
     for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mean_key in stats) != (cov_key in stats):
-            raise MetricsError(f"'{source}' has '{mean_key if mean_key in stats else cov_key}' but not "
-                               f"'{cov_key if mean_key in stats else mean_key}'")
+            present, absent = (mean_key, cov_key) if mean_key in stats else (cov_key, mean_key)
+            raise MetricsError(f"'{source}' has '{present}' but not '{absent}'")
         if mean_key in stats:
             mu, sigma = stats[mean_key], stats[cov_key]
             if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
@@ -461,24 +343,13 @@ def check_statistics(stats, source):
 
 
 class EvalInput:
-    """One side of the comparison. Attributes:
-        images:     FolderImages / NpzImages or None (a pure statistics file)
-        stats:      dict of precomputed arrays among STATS_KEYS (float64 mu/sigma)
-        resize:     the resize mode recorded in a statistics file, or None
-        image_size: (H, W) of the images, or as recorded in a statistics file, or None (unknown)
-    """
+    """One side of the comparison: images (FolderImages / NpzImages, or None for a statistics file), stats (arrays
+    among STATS_KEYS, mu/sigma in float64), resize (recorded in a statistics file, else None) and image_size ((H, W),
+    or None when unknown)."""
 
     def __init__(self, name, images=None, stats=None, resize=None, image_size=None):
         self.name, self.images, self.stats, self.resize = name, images, stats or {}, resize
         self.image_size = tuple(images.image_shape[:2]) if images is not None else image_size
-
-
-def check_same_image_size(samples, reference):
-    """Inception resizes everything to 299x299, so inputs of two resolutions give a number without meaning."""
-    if None not in (samples.image_size, reference.image_size) and samples.image_size != reference.image_size:
-        (h1, w1), (h2, w2) = samples.image_size, reference.image_size
-        raise MetricsError(f"'{samples.name}' holds {w1}x{h1} images but '{reference.name}' {w2}x{h2}: compare "
-                           f"samples with a reference of the same resolution")
 
 
 def open_input(path):
@@ -518,11 +389,10 @@ def dist_rank_world():
 
 def all_gather_rows(local, total):
     """Concatenate each rank's contiguous block of rows (rank order = image order) and trim to `total` rows."""
-    rank, world = dist_rank_world()
+    _, world = dist_rank_world()
     if world == 1:
         return local
-    per_rank = math.ceil(total / world)
-    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded = local.new_zeros((math.ceil(total / world), *local.shape[1:]))
     padded[: len(local)] = local
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
@@ -531,10 +401,10 @@ def all_gather_rows(local, total):
 
 @torch.no_grad()
 def extract_features(model, images, batch_size=100, device="cpu", progress=True, description="features"):
-    """Run `model` (uint8 (n, 3, H, W) -> dict of (n, D) features, e.g. FIDInceptionV3) over an image source
-    (FolderImages / NpzImages). Under torchrun each rank takes one contiguous block of images and
-    the blocks are gathered in rank order, so the result is in image order and, up to the float32 rounding of other
-    batch compositions, independent of the number of ranks. TF32 is off. Returns float32 numpy arrays (N, D)."""
+    """Run `model` (uint8 (n, 3, H, W) -> dict of (n, D) features) over FolderImages / NpzImages. Under torchrun each
+    rank takes one contiguous block of images, gathered in rank order: the result is in image order and, up to the
+    float32 rounding of other batch compositions, independent of the number of ranks. TF32 is off.
+    Returns float32 numpy arrays (N, D)."""
     from tqdm import tqdm
     rank, world = dist_rank_world()
     total = len(images)
@@ -542,12 +412,12 @@ def extract_features(model, images, batch_size=100, device="cpu", progress=True,
     begin, end = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # full float32 convolutions
+    to_input = lambda array: torch.from_numpy(np.ascontiguousarray(array)).to(device).permute(0, 3, 1, 2)
     outputs = {}
     try:
         bar = tqdm(total=total, desc=description, unit="img", disable=not progress or rank != 0, file=sys.stderr)
         for start in range(begin, end, batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images.read(start, min(start + batch_size, end))))
-            batch = batch.to(device).permute(0, 3, 1, 2)                        # (n, 3, H, W) uint8
+            batch = to_input(images.read(start, min(start + batch_size, end)))
             for key, value in model(batch).items():
                 outputs.setdefault(key, []).append(value.float())
             bar.update(len(batch) * world)
@@ -555,8 +425,7 @@ def extract_features(model, images, batch_size=100, device="cpu", progress=True,
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     if not outputs:                    # a rank without images still has to join the gather with the right shapes
-        probe = model(torch.from_numpy(np.ascontiguousarray(images.read(0, 1))).to(device).permute(0, 3, 1, 2))
-        outputs = {key: [value.float()[:0]] for key, value in probe.items()}
+        outputs = {key: [value.float()[:0]] for key, value in model(to_input(images.read(0, 1))).items()}
     return {key: all_gather_rows(torch.cat(chunks), total).cpu().numpy() for key, chunks in outputs.items()}
 
 
@@ -572,9 +441,8 @@ def gaussian_statistics(features):
 
 
 def _sqrtm(matrix):
-    """scipy's square root X of `matrix`, or None where there is none to be had: X not finite (what SciPy < 1.16
-    returns for a singular product without a square root, and pytorch-fid tests for) or X @ X != matrix (SciPy >= 1.16
-    warns and may return huge finite entries instead)."""
+    """scipy's square root X of `matrix`, or None where there is none: X not finite (SciPy < 1.16 on a singular
+    product, what pytorch-fid tests for) or X @ X != matrix (SciPy >= 1.16 may return huge finite entries instead)."""
     with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         root = linalg.sqrtm(matrix)
@@ -583,10 +451,10 @@ def _sqrtm(matrix):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, computed like pytorch-fid and the ADM evaluator.
-    A singular S1 S2 (rank-deficient covariances) may have no square root: then eps*I is added to both covariances
-    and sqrtm retried. A complex root whose diagonal's imaginary part is within 1e-3 of 0 is rounding noise of
-    near-zero eigenvalues and is dropped; a larger one (covariances that are not positive semi-definite) is an error."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, as pytorch-fid and the ADM evaluator compute it.
+    A singular S1 S2 may have no square root: then eps*I is added to both covariances and sqrtm retried. A complex
+    root whose diagonal's imaginary part is within 1e-3 of 0 is rounding noise and is dropped; a larger one
+    (covariances that are not positive semi-definite) is an error."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -613,9 +481,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, split_size=IS_SPLIT_SIZE):
-    """Inception Score, ADM convention: p(y|x) = softmax(logits) (N, C), consecutive chunks of `split_size`
-    images (the last one may be shorter), IS_chunk = exp(mean_x KL(p(y|x) || mean_x p(y|x))), mean over chunks.
-    Computed in float64 from log-probabilities, with 0 log 0 = 0."""
+    """Inception Score, ADM convention: p(y|x) = softmax(logits), consecutive chunks of `split_size` images (the last
+    may be shorter), IS_chunk = exp(mean_x KL(p(y|x) || mean_x p(y|x))), mean over chunks. float64, 0 log 0 = 0."""
     log_p = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=1)
     scores = []
     for start in range(0, len(log_p), split_size):
@@ -638,8 +505,7 @@ def _row_blocks(n_rows, n_cols, budget=1 << 25):
 
 
 def manifold_radii(features, k=PR_NEIGHBOURS):
-    """Squared distance of each point to its k-th nearest neighbour in the same set, excluding itself
-    (ADM: index k of the partitioned squared distances, index 0 being the self-distance). (N, D) -> (N,)."""
+    """Squared distance of each point to its k-th nearest neighbour in the same set, itself excluded. (N, D) -> (N,)."""
     if len(features) <= k:
         raise MetricsError(f"precision/recall with k={k} needs more than {k} images per set, got {len(features)}")
     return torch.cat([_squared_distances(features[a:b], features).kthvalue(k + 1, dim=1).values
@@ -653,8 +519,8 @@ def _inside_manifold(points, centres, radii):
 
 
 def precision_recall(real_features, fake_features, k=PR_NEIGHBOURS, device="cpu"):
-    """Improved precision and recall (Kynkaanniemi et al. 2019) with ADM's conventions, float64:
-    precision = fraction of fake points inside the k-NN manifold of the real ones, recall = the converse."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with ADM's conventions, float64: precision = fraction
+    of fake points inside the k-NN manifold of the real ones, recall = the converse."""
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64, device=device)
     fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64, device=device)
     precision = _inside_manifold(fake, real, manifold_radii(real, k)).double().mean().item()
@@ -663,19 +529,16 @@ def precision_recall(real_features, fake_features, k=PR_NEIGHBOURS, device="cpu"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Statistics of an input, saving them, and the full evaluation
+# Statistics of an input, the full evaluation, and the files written
 # ----------------------------------------------------------------------------------------------------------------
 def input_statistics(source, model, batch_size=100, device="cpu", progress=True):
-    """Everything the metrics need about one input: mu, sigma, mu_s, sigma_s (precomputed ones win: an ADM
-    reference batch's statistics describe the whole data set, its arr_0 only a 10k subset) and pool_features /
-    logits (N, D) float32. Missing entries are left out."""
+    """mu, sigma, mu_s, sigma_s, pool_features, logits of one input, as far as they can be had. Precomputed ones win:
+    an ADM reference batch's statistics describe the whole data set, its arr_0 only a 10k subset."""
     stats = dict(source.stats)
     if source.images is not None and not {"mu", "pool_features", "logits"} <= set(stats):
         features = extract_features(model, source.images, batch_size, device, progress, Path(source.name).name)
         stats.setdefault("pool_features", features["pool"])
         stats.setdefault("logits", features["logits"])
-        if "mu" not in stats:
-            stats["mu"], stats["sigma"] = gaussian_statistics(features["pool"])
         if "mu_s" not in stats:
             stats["mu_s"], stats["sigma_s"] = gaussian_statistics(features["spatial"])
     if "mu" not in stats and "pool_features" in stats:
@@ -683,79 +546,100 @@ def input_statistics(source, model, batch_size=100, device="cpu", progress=True)
     return stats
 
 
-def save_statistics(path, stats, resize, image_size):
-    """Write a statistics file (keys: see the module docstring)."""
-    arrays = {key: stats[key] for key in STATS_KEYS if key in stats}
-    np.savez(path, resize=np.array(resize), image_size=np.array(image_size), **arrays)
-
-
 def evaluate(samples, reference, model, batch_size=100, device="cpu", progress=True):
     """All metrics computable from two EvalInputs, in print order: FID, sFID, IS, Precision, Recall.
-    Returns (metrics dict, list of notes about metrics that could not be computed); empty on ranks other than 0."""
+    Returns (metrics, notes about metrics that could not be computed); both empty on ranks other than 0."""
     sample_stats = input_statistics(samples, model, batch_size, device, progress)
     reference_stats = input_statistics(reference, model, batch_size, device, progress)
     metrics, notes = {}, []
     if dist_rank_world()[0] != 0:            # under torchrun the features are shared; rank 0 computes the metrics
         return metrics, notes
-    if "mu" in sample_stats and "mu" in reference_stats:
-        metrics["FID"] = frechet_distance(sample_stats["mu"], sample_stats["sigma"],
-                                          reference_stats["mu"], reference_stats["sigma"])
-    else:
-        notes.append("FID skipped: no pool_3 statistics for "
-                     + (samples if "mu" not in sample_stats else reference).name)
-    if "mu_s" in sample_stats and "mu_s" in reference_stats:
-        metrics["sFID"] = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"],
-                                           reference_stats["mu_s"], reference_stats["sigma_s"])
-    else:
-        notes.append("sFID skipped: no spatial statistics (mu_s, sigma_s) for "
-                     + (samples if "mu_s" not in sample_stats else reference).name)
+
+    def both_have(key, metric):
+        if key in sample_stats and key in reference_stats:
+            return True
+        notes.append(f"{metric} skipped: no {key} for {(samples if key not in sample_stats else reference).name}")
+        return False
+
+    if both_have("mu", "FID"):
+        metrics["FID"] = frechet_distance(sample_stats["mu"], sample_stats["sigma"], reference_stats["mu"],
+                                          reference_stats["sigma"])
+    if both_have("mu_s", "sFID"):
+        metrics["sFID"] = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], reference_stats["mu_s"],
+                                           reference_stats["sigma_s"])
     if "logits" in sample_stats:
         metrics["IS"] = inception_score(sample_stats["logits"])
     else:
         notes.append(f"IS skipped: no logits for {samples.name}")
-    if "pool_features" in sample_stats and "pool_features" in reference_stats:
+    if both_have("pool_features", "Precision/Recall"):
         metrics["Precision"], metrics["Recall"] = precision_recall(
             reference_stats["pool_features"], sample_stats["pool_features"], device=device)
-    else:
-        notes.append("Precision/Recall skipped: no per-image pool features (images, arr_0 or pool_features) for "
-                     + (samples if "pool_features" not in sample_stats else reference).name)
     return metrics, notes
+
+
+def stats_file_bytes(num_images):
+    """About the size of a --save-stats file: two float64 Gaussians and the float32 per-image features."""
+    return 8 * (2048 + 2048 ** 2 + 2023 + 2023 ** 2) + 4 * num_images * (2048 + 1008) + 4096
+
+
+def check_destination(path, needed_bytes):
+    """Before any computation: the folder of `path` exists, takes a file, and has `needed_bytes` free."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MetricsError(f"cannot write '{path}': folder '{folder}' does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise MetricsError(f"cannot write '{path}': folder '{folder}' is not writable ({e.strerror})") from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise MetricsError(f"cannot write '{path}': it needs about {needed_bytes / 1e6:.3g} MB, the disk of "
+                           f"'{folder}' has {free / 1e6:.3g} MB free")
+
+
+def write_atomically(path, write):
+    """write(binary file) into a temporary file beside `path`, fsync, rename: `path` ends up complete or untouched."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise MetricsError(f"could not write '{path}' ({e.strerror or e}); free disk space or choose another "
+                           f"file") from None
+
+
+def save_statistics(path, stats, resize, image_size):
+    """Write a statistics file (keys: see the module docstring) atomically."""
+    arrays = {key: stats[key] for key in STATS_KEYS if key in stats}
+    write_atomically(path, lambda f: np.savez(f, resize=np.array(resize), image_size=np.array(image_size), **arrays))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-EMBEDDED_MOVED = "fid.py --embedded moved: run python data.py score SAMPLES.npz"
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="FID, sFID, Inception Score and precision/recall (ADM / pytorch-fid compatible). The embedded "
-                    "shapes data set is scored by python data.py score SAMPLES.npz.",
-        epilog="examples:\n"
-               "  python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception pt_inception.pth\n"
-               "  torchrun --nproc_per_node 8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz\n"
-               "  python fid.py reference_images/ --save-stats reference_stats.npz",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", metavar="SAMPLES",
-                        help="generated images: a folder of png/jpg, an npz with arr_0 (N,H,W,3) uint8 "
-                             "(+ optional arr_1 labels), or a statistics file from --save-stats")
+                        help="generated images: a folder of png/jpg, an npz with arr_0 (N,H,W,3) uint8, or a "
+                             "statistics file from --save-stats")
     parser.add_argument("reference", metavar="REFERENCE", nargs="?",
-                        help="reference: an ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0), a statistics "
-                             "file, a sample-style npz or a folder; not used with --save-stats")
+                        help="an ADM reference batch npz, a statistics file, a sample-style npz or a folder; not "
+                             "used with --save-stats")
     parser.add_argument("--inception", metavar="PATH", default=None,
                         help=f"Inception weights ({INCEPTION_FILENAME}); default: $EPG_INCEPTION, else "
-                             f"torch.hub.get_dir()/checkpoints/{INCEPTION_FILENAME}. Never downloaded")
+                             f"torch.hub.get_dir()/checkpoints/. Never downloaded")
     parser.add_argument("--batch-size", type=int, default=100, help="images per forward pass and rank (default 100)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available; "
-                                                       "under torchrun cuda:LOCAL_RANK)")
+    parser.add_argument("--device", default=None, help="default: cuda if available (under torchrun cuda:LOCAL_RANK)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="tf",
-                        help="tf: TF1 bilinear resize of [0,255] input, (x-128)/128, as the ADM evaluator / "
-                             "torch-fidelity (default); pytorch-fid: F.interpolate on [0,1] input, 2x-1, as "
-                             "pytorch-fid")
+                        help="tf: as the ADM evaluator / torch-fidelity (default); pytorch-fid: as pytorch-fid")
     parser.add_argument("--save-stats", metavar="OUT.npz", default=None,
-                        help="write the statistics of SAMPLES (mu, sigma, mu_s, sigma_s, pool_features, logits) "
-                             "to OUT.npz instead of comparing with a REFERENCE")
+                        help="write the statistics of SAMPLES to OUT.npz instead of comparing with a REFERENCE")
     parser.add_argument("--out", metavar="metrics.json", default=None, help="also write the metrics as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -768,35 +652,41 @@ def parse_args(argv=None):
 
 def setup_device(device):
     """Initialise torch.distributed under torchrun (WORLD_SIZE > 1) and pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
             torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl")
             return torch.device("cuda", local_rank)
         dist.init_process_group("gloo")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run(args):
-    device = setup_device(args.device)
-    rank, _ = dist_rank_world()
-    progress = not args.no_progress
+    """Inputs and destinations are checked first, then the weights loaded, then the features computed."""
     samples = open_input(args.samples)
     if args.save_stats:
         if samples.images is None:
             raise MetricsError(f"'{args.samples}' already holds statistics and no images; nothing to compute")
-        model = load_inception(args.inception, device, args.resize)
-        stats = input_statistics(samples, model, args.batch_size, device, progress)
+        check_destination(args.save_stats, stats_file_bytes(len(samples.images)))
+    else:
+        reference = open_input(args.reference)
+        if None not in (samples.image_size, reference.image_size) and samples.image_size != reference.image_size:
+            (h1, w1), (h2, w2) = samples.image_size, reference.image_size   # Inception would resize both to 299
+            raise MetricsError(f"'{samples.name}' holds {w1}x{h1} images but '{reference.name}' {w2}x{h2}: compare "
+                               f"samples with a reference of the same resolution")
+        if args.out:
+            check_destination(args.out, 4096)
+    device = setup_device(args.device)
+    rank = dist_rank_world()[0]
+    progress = not args.no_progress
+    if args.save_stats:
+        stats = input_statistics(samples, load_inception(args.inception, device, args.resize), args.batch_size,
+                                 device, progress)
         if rank == 0:
             save_statistics(args.save_stats, stats, args.resize, samples.image_size)
             print(f"statistics of {len(samples.images)} images written to {args.save_stats}", file=sys.stderr)
         return
-    reference = open_input(args.reference)             # bad inputs fail before the weights load
-    check_same_image_size(samples, reference)
     for source in (samples, reference):            # ADM reference batches come from the TF graph: "tf"
         recorded = source.resize or ("tf" if "mu_s" in source.stats else None)
         if rank == 0 and recorded not in (None, args.resize):
@@ -811,14 +701,10 @@ def run(args):
         for name, value in metrics.items():
             print(f"{name}: {value:.8g}")
         if args.out:
-            Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+            write_atomically(args.out, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--embedded" in argv:
-        print(f"error: {EMBEDDED_MOVED}", file=sys.stderr)
-        sys.exit(2)
     args = parse_args(argv)
     try:
         run(args)

@@ -7,7 +7,6 @@ the classifier's feature space, NOT comparable to Inception FID).
 """
 import argparse
 import colorsys
-import json
 import math
 import os
 import sys

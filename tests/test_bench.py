@@ -1,10 +1,16 @@
-"""bench.py on CPU (tests/test_gpu_check.py runs every stage end to end): the FLOP accounting matches the paper's sampler and hand-counted steps."""
+"""tools/bench.py on CPU (tests/test_gpu_check.py runs every stage end to end): the FLOP accounting matches the
+paper's sampler and hand-counted steps; the memory estimate matches hand-counted parameters and direct measurement."""
 import argparse
+import os
+import sys
 
 import torch
 
-import bench
-import models
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import bench  # noqa: E402
+import models  # noqa: E402
 
 
 def tiny_args(**kw):
@@ -14,8 +20,10 @@ def tiny_args(**kw):
 def test_flop_accounting():
     args = tiny_args()
     device = torch.device("cpu")
-    epg = bench.forward_flops(models.build_epg("T", 16, 1000), 16)
-    enc = bench.forward_flops(models.build_rcm("T", 16), 16)
+    epg = bench.forward_flops("epg", "T", 16)
+    enc = bench.forward_flops("rcm", "T", 16)
+    macs = models.count_macs(models.build_epg("T", 16, 1000), 16)          # a real model, not one on meta
+    assert epg == 2 * (macs["linear"] + macs["attention"]) and enc < epg
     # Heun-32 with CFG on (0.19, 1.61]: 62 conditional + 12 unconditional evaluations per image (formulas §4.3)
     assert bench.sampling_stage(args, device)[1] == 74 * epg
     assert bench.diffusion_stage(args, device)[1] == 3 * epg          # forward + backward (2x forward)
@@ -44,3 +52,16 @@ def test_activation_bytes_linear_in_batch_and_depth():
     assert bench.activation_bytes("diffusion", "T", 16, 6) == bench.saved_bytes("diffusion", "T", 16, 6, 4)
     for stage in ("pretrain", "consistency"):
         assert abs(bench.activation_bytes(stage, "T", 16, 6) / bench.saved_bytes(stage, "T", 16, 6, 4) - 1) < 1e-4
+
+
+def test_memory_table_names_the_largest_fitting_micro_batch(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "PAPER_RUNS", (("diffusion", "T", 16),))
+    two = bench.estimate_memory("diffusion", "T", 16, 2)["total"]
+    assert two < bench.estimate_memory("diffusion", "T", 16, 4)["total"]                 # more images, more memory
+    monkeypatch.setattr(bench, "GPU_BYTES", {"big": 1e12, "exact": two, "small": 1.0})
+    bench.memory_report(4)
+    row = capsys.readouterr().out.splitlines()[-1]
+    parts = bench.estimate_memory("diffusion", "T", 16, 4)
+    assert row.startswith(f"| diffusion | EPG-T/{models.patch_size_for('T', 16)} @16 | ")
+    assert f"| {parts['total'] / 2 ** 30:.1f} |" in row
+    assert row.endswith("| yes | --micro-batch 2 | no |")       # 4 images fit in 1 TB, 2 exactly, none in 1 byte

@@ -4,7 +4,11 @@ No test needs the real Inception weights: a randomly initialised Inception-v3 in
 saved to a file and loaded by fid.py and by the peers. With random weights the numbers mean nothing, but the two
 implementations must still agree to float precision, layer by layer.
 """
+import json
 import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -474,10 +478,6 @@ def test_bad_sample_file_exits_2_with_message(tmp_path, capsys):
                                                                       tmp_path / "out.npz"], capsys)
 
 
-def test_embedded_mode_points_to_data_py(tmp_path, capsys):
-    assert "python data.py score SAMPLES.npz" in cli_error([tmp_path / "samples.npz", "--embedded"], capsys)
-
-
 def test_empty_npz_files_exit_2_with_one_line(tmp_path, tiny_npz, capsys):
     (tmp_path / "zero_bytes.npz").write_bytes(b"")                     # e.g. a sampler killed before writing
     np.savez(tmp_path / "no_images.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
@@ -495,6 +495,112 @@ def test_inputs_of_two_resolutions_are_refused(tmp_path, tiny_npz, capsys):
     fid.save_statistics(tmp_path / "stats.npz", stats, "tf", (16, 16))  # a statistics file remembers its size
     message = cli_error([tiny_npz, tmp_path / "stats.npz"], capsys)
     assert "8x8" in message and "16x16" in message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Destinations (--save-stats, --out): checked before anything is computed, written whole or not at all
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """(folder, mounted): a real 64 KiB tmpfs where this process may mount one; else a plain folder, and the tests
+    limit the file size of the fid.py process instead (RLIMIT_FSIZE), which fails its writes as a full disk does."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)]
+    mounted = shutil.which("mount") is not None and subprocess.run(mount, capture_output=True).returncode == 0
+    yield folder, mounted
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill_up(folder):
+    """Write into `folder` until its disk is full."""
+    with open(folder / "filler", "wb", buffering=0) as f, pytest.raises(OSError, match="No space left"):
+        while True:
+            f.write(b"\0" * 4096)
+
+
+def limit_file_size(limit):
+    """preexec_fn of a child process whose writes beyond `limit` bytes fail (EFBIG) instead of killing it."""
+    def limit_it():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_it
+
+
+def fid_cli(*args, preexec_fn=None, env=None):
+    return subprocess.run([sys.executable, "-W", "ignore::UserWarning", "fid.py", *map(str, args), "--device", "cpu",
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=preexec_fn, env=env)
+
+
+def assert_one_line_error(result):
+    """Exit code 2 and stderr ending in one line "error: ..." (after notes, if any); returns that line."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("error: ") and all(line.startswith("note: ") for line in lines[:-1]), result.stderr
+    return lines[-1]
+
+
+def test_destination_in_a_missing_folder_is_refused_before_anything_is_computed(tmp_path, tiny_npz, capsys,
+                                                                                 monkeypatch):
+    # no Inception weights can be found: had the destination not been checked first, that would be the error
+    monkeypatch.delenv("EPG_INCEPTION", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
+    for argv in ([tiny_npz, "--save-stats", tmp_path / "absent" / "stats.npz"],
+                 [tiny_npz, tiny_npz, "--out", tmp_path / "absent" / "metrics.json"]):
+        message = cli_error(argv, capsys)
+        assert f"folder '{tmp_path / 'absent'}' does not exist" in message, message
+    assert not (tmp_path / "absent").exists()
+
+
+def test_save_stats_onto_a_full_disk_is_one_line_and_keeps_the_previous_file(random_inception, image_folder,
+                                                                               small_disk):
+    folder, mounted = small_disk
+    (folder / "stats.npz").write_bytes(b"previous statistics")
+    if mounted:
+        fill_up(folder)
+    result = fid_cli(image_folder[0], "--save-stats", folder / "stats.npz", "--inception", random_inception[0],
+                     preexec_fn=None if mounted else limit_file_size(0))
+    message = assert_one_line_error(result)
+    assert str(folder / "stats.npz") in message
+    if mounted:                                          # refused before the features were computed
+        assert "MB free" in message and "needs about" in message
+    assert (folder / "stats.npz").read_bytes() == b"previous statistics"
+    assert sorted(os.listdir(folder)) == (["filler"] if mounted else []) + ["stats.npz"]
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_file_and_no_temporary_file(random_inception, image_folder,
+                                                                                    tmp_path):
+    # the statistics of 3 images are ~66 MB (two 2048-d float64 covariances): a 1 MB file-size limit stops the write
+    # midway, after the disk check passed and the features were computed
+    (tmp_path / "stats.npz").write_bytes(b"previous statistics")
+    result = fid_cli(image_folder[0], "--save-stats", tmp_path / "stats.npz", "--inception", random_inception[0],
+                     preexec_fn=limit_file_size(1 << 20))
+    assert "could not write" in assert_one_line_error(result)
+    assert (tmp_path / "stats.npz").read_bytes() == b"previous statistics"
+    assert os.listdir(tmp_path) == ["stats.npz"]
+
+
+def test_metrics_json_onto_a_full_disk_is_one_line_and_writes_nothing(tmp_path, small_disk):
+    folder, mounted = small_disk
+    rng = np.random.default_rng(11)
+    for name in ("a", "b"):                       # 4-d statistics: no Inception, an instant Frechet distance
+        features = rng.normal(size=(50, 4))
+        np.savez(tmp_path / f"{name}.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    if mounted:
+        fill_up(folder)
+    result = fid_cli(tmp_path / "a.npz", tmp_path / "b.npz", "--out", folder / "metrics.json",
+                     preexec_fn=None if mounted else limit_file_size(0))
+    assert str(folder / "metrics.json") in assert_one_line_error(result)
+    assert not (folder / "metrics.json").exists() and not [n for n in os.listdir(folder) if ".tmp-" in n]
+    ok = fid_cli(tmp_path / "a.npz", tmp_path / "b.npz", "--out", tmp_path / "metrics.json")   # a working disk
+    assert ok.returncode == 0, ok.stderr
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        expected = calculate_frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"FID": pytest.approx(expected, rel=1e-9)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

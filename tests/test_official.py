@@ -1,4 +1,4 @@
-"""official.py: the authors' released state dicts convert into checkpoints of ours that compute what the official
+"""tools/official.py: the authors' released state dicts convert into checkpoints of ours that compute what the official
 model computes.
 
 No released weights exist here, so the tests build state dicts in the official layout themselves, from the official
@@ -6,22 +6,27 @@ module names written down below (RCMViT / EPGViT of the official `rcm/vit.py`), 
   * conversion uses every official tensor exactly once and fills every one of ours (tiny and full-size layouts);
   * our forward equals a forward re-derived here in plain tensor algebra from the official tensors, by official name
     (patchify, encoder block, decoder block with skip and adaLN, head, unpatchify, projector with eval BatchNorm),
-    also for the model rebuilt from a file written by `python official.py convert` and read with weights_only=True;
+    also for the model rebuilt from a file written by `python tools/official.py convert` (read with weights_only);
   * a missing, extra or wrong-shaped tensor, or an unusable path, gives one line (OfficialCheckpointError, exit 2);
   * the sizes inferred for the released models, and their parameter counts against the paper's Tables 7 and 8;
   * the official time input 250 ln(sigma + 1e-44) equals ours bit for bit on the sampler grids.
 """
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-import data
-import losses
-import models
-import official
-import trainlib
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import data  # noqa: E402
+import losses  # noqa: E402
+import models  # noqa: E402
+import official  # noqa: E402
+import trainlib  # noqa: E402
 
 # Two tiny configurations registered for the tests, like B (RCM-B) and XL (same encoder, wider decoder) in the paper:
 # "TW" has a decoder wider than its encoder, so the width bridge (encoder_to_decoder) is exercised; "TR" mirrors the
@@ -441,7 +446,7 @@ def test_rcm_saved_without_projector_converts_to_its_encoder(tiny_config):
 
 
 def convert_cli(*args):
-    """`python official.py convert ARGS` in process; returns the checkpoint file read back with weights_only=True."""
+    """`python tools/official.py convert ARGS` in process; returns the file read back with weights_only=True."""
     official.main(["convert", *map(str, args)])
     return torch.load(args[1], map_location="cpu", weights_only=True)
 
@@ -533,8 +538,6 @@ def test_convert_errors_are_one_line_with_exit_2(tiny_config, tmp_path, capsys, 
 
 
 def test_convert_killed_while_writing_leaves_no_output(tmp_path):
-    import subprocess
-    import sys
     cfg = models.model_config("T")                            # a registered size: the child process sees no TW
     torch.save(official_epg(cfg["depth"], cfg["enc_dim"], cfg["dec_dim"], 4, 32, 10, torch.Generator().manual_seed(0)),
                tmp_path / "nnet_ema.pth")
@@ -543,11 +546,15 @@ def test_convert_killed_while_writing_leaves_no_output(tmp_path):
                         "    f.write(b'partial'); f.flush(); os._exit(9)\n"           # no cleanup runs, as SIGKILL
                         "official.torch.save = save\n"
                         "official.main(['convert', sys.argv[1], sys.argv[2]])\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", killed_mid_write, str(tmp_path), str(tmp_path / "out.pt")],
-                            cwd=root, env={**os.environ, "PYTHONPATH": root}, capture_output=True, timeout=120)
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tools")},
+                            capture_output=True, timeout=120)
     assert result.returncode == 9
     assert not (tmp_path / "out.pt").exists()                 # only a temporary file is left
+    result = subprocess.run([sys.executable, os.path.join("tools", "official.py"), "convert", str(tmp_path),
+                             str(tmp_path / "out.pt")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"wrote {tmp_path / 'out.pt'}: EPG-T/4"), result.stderr
+    assert trainlib.load_checkpoint(str(tmp_path / "out.pt"), "diffusion")["config"]["model"] == "T"
 
 
 # ----------------------------------------------------------------------------------------------------------------

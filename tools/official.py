@@ -2,33 +2,11 @@
 
     python tools/official.py convert SRC OUT.pt [--weights ema|online]
 
-The official code (`rcm/vit.py`: `RCMViT` for pre-training, `EPGViT` for fine-tuning; `DMViT` in the first,
-inference-only release has the same parameter names) saves folders of plain PyTorch state dicts:
-
-    nnet.pth          online weights        (what the official fine-tuning reads from an RCM folder: --init)
-    nnet_ema.pth      EMA weights           (what the official sampler reads: --ckpt)
-    target_model.pth  pre-training momentum encoder (never picked automatically; pass the file to use it)
-
-SRC is such a folder or one .pth file. In a folder, --weights picks the file: by default nnet_ema.pth for an EPG and
-nnet.pth for an RCM, as the official scripts do (the other file if that one is absent). OUT.pt (never overwritten;
-written atomically) is read like a checkpoint of our own scripts (--init of the fine-tuning scripts, sample.py --ckpt):
-
-    RCM  {"stage": "pretrain", "step": 0, "model": RCM state dict,
-          "config": {"model", "image_size", "patch_size", "proj_dim", "normalize": "imagenet", "converted_from"}}
-    EPG  {"stage": "diffusion" | "consistency", "step": 0, "model": EPG state dict, "ema": the same tensors,
-          "config": {"model", "image_size", "patch_size", "num_classes", "normalize", "converted_from",
-                     "sampling": how the official sampler ran it, keyed by sample.py's arguments}}
-
-converted_from is the file read. An EPG's "model" and "ema" hold the one set of weights --weights chose (stored once);
-its normalize is "imagenet", "simple" for the unconditional consistency release (see OFFICIAL_SAMPLING).
-An RCM saved without its projector converts to the encoder alone (proj_dim None): enough for --init.
-
-Model size. Depths come from the block counts, widths from the tensor shapes, the patch size from the patch-embedding
-kernel, the image size from the positional-embedding length (2 extra tokens + (image/patch)^2 patches). The head counts
-are not stored in a state dict: they come from the matching entry of models.MODEL_CONFIGS (Tables 7 and 8; identical to
-the official configs), and a checkpoint that matches no entry is refused.
-
-Every conversion is a renaming (NAME_TABLE below): no tensor needs reordering, as argued next to the table.
+SRC is a released folder (nnet.pth: online weights, nnet_ema.pth: EMA weights) or one .pth file (e.g. a momentum
+encoder's target_model.pth). By default a folder gives the EMA weights of an EPG and the online ones of an RCM, as the
+official scripts use them. OUT.pt (never overwritten, written atomically) loads like our checkpoints (fine-tuning
+--init, sample.py --ckpt); its config records the official sampler's settings ("sampling", sample.py's arguments).
+The size comes from the tensor shapes, the head counts from the matching models.MODEL_CONFIGS entry.
 """
 import argparse
 import contextlib
@@ -36,71 +14,38 @@ import math
 import os
 import re
 import sys
+import zipfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import models  # noqa: E402
 
-# ----------------------------------------------------------------------------------------------------------------
-# Official parameter names -> ours (`{i}` a block or layer index, `{p}` a parameter or buffer name), read from the
-# public official `rcm/vit.py`. Every conversion is a renaming:
-#
-# * qkv rows: the official attention splits the qkv output as (3, heads, head_dim) ('B L (K H D)'); ours views it as
-#   (3, heads, head_dim) too -> rows unchanged.
-# * output rows: the official unpatchify reads each token as (p1, p2, c) with c fastest; so does models.unpatchify
-#   -> rows of `out` unchanged. Patch embedding: the same Conv2d, tokens in the same raster order.
-# * adaLN chunks (shift, scale, gate) x (attention, MLP) and the skip concat [decoder stream ; encoder skip] are in
-#   the same order; every LayerNorm has eps 1e-5 and an affine; the MLP is fc1 -> exact GELU -> fc2 (our Sequential
-#   indices 0 and 2).
-# * time_embed is nn.Identity and the pre-training projector's ReLUs have no tensors: nothing to map.
-# ----------------------------------------------------------------------------------------------------------------
+# Official parameter names -> ours ({i} a block or layer index, {p} a parameter or buffer name); no tensor is
+# reordered (qkv rows split as (3, heads, head_dim), tokens unpatchified as (p1, p2, c), adaLN chunks and the skip
+# concat [decoder ; encoder skip] in the same order, LayerNorm eps 1e-5, MLP fc1 -> exact GELU -> fc2).
+BLOCK_PARTS = [("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("norm2", "norm2"),
+               ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")]           # the tensors of a transformer block
+DECODER_PARTS = BLOCK_PARTS + [("skip_linear", "skip_linear"), ("skip_norm", "skip_norm"),
+                               ("adaLN_modulation.1", "adaLN_modulation.1")]
 NAME_TABLE = [
     # shared ViT encoder (RCMViT and EPGViT)
-    ("patch_embed.proj.{p}", "encoder.patch_embed.{p}"),
-    ("cls_token", "encoder.cls_token"),
-    ("pos_embed", "encoder.pos_embed"),
-    ("blocks.{i}.norm1.{p}", "encoder.blocks.{i}.norm1.{p}"),
-    ("blocks.{i}.attn.qkv.{p}", "encoder.blocks.{i}.attn.qkv.{p}"),
-    ("blocks.{i}.attn.proj.{p}", "encoder.blocks.{i}.attn.proj.{p}"),
-    ("blocks.{i}.norm2.{p}", "encoder.blocks.{i}.norm2.{p}"),
-    ("blocks.{i}.mlp.fc1.{p}", "encoder.blocks.{i}.mlp.0.{p}"),
-    ("blocks.{i}.mlp.fc2.{p}", "encoder.blocks.{i}.mlp.2.{p}"),
-    ("norm.{p}", "encoder.norm.{p}"),
-    # RCMViT only: the 3-layer projector (Linear 0, BN 1, ReLU 2, Linear 3, BN 4, ReLU 5, Linear 6), same indices
+    ("patch_embed.proj.{p}", "encoder.patch_embed.{p}"), ("cls_token", "encoder.cls_token"),
+    ("pos_embed", "encoder.pos_embed"), ("norm.{p}", "encoder.norm.{p}"),
+    *[("blocks.{i}." + official + ".{p}", "encoder.blocks.{i}." + ours + ".{p}") for official, ours in BLOCK_PARTS],
+    # RCMViT only: the projector (Linear 0, BN 1, ReLU 2, Linear 3, BN 4, ReLU 5, Linear 6), same indices
     ("projection_head.{i}.{p}", "projector.{i}.{p}"),
     # EPGViT only: class table, width bridge, decoder, head
-    ("class_embed.weight", "class_embed.weight"),
-    ("encoder_to_decoder.{p}", "enc_to_dec.{p}"),
-    ("decoder_blocks.{i}.skip_linear.{p}", "dec_blocks.{i}.skip_linear.{p}"),
-    ("decoder_blocks.{i}.skip_norm.{p}", "dec_blocks.{i}.skip_norm.{p}"),
-    ("decoder_blocks.{i}.norm1.{p}", "dec_blocks.{i}.norm1.{p}"),
-    ("decoder_blocks.{i}.attn.qkv.{p}", "dec_blocks.{i}.attn.qkv.{p}"),
-    ("decoder_blocks.{i}.attn.proj.{p}", "dec_blocks.{i}.attn.proj.{p}"),
-    ("decoder_blocks.{i}.norm2.{p}", "dec_blocks.{i}.norm2.{p}"),
-    ("decoder_blocks.{i}.mlp.fc1.{p}", "dec_blocks.{i}.mlp.0.{p}"),
-    ("decoder_blocks.{i}.mlp.fc2.{p}", "dec_blocks.{i}.mlp.2.{p}"),
-    ("decoder_blocks.{i}.adaLN_modulation.1.{p}", "dec_blocks.{i}.adaLN_modulation.1.{p}"),
-    ("out_norm.{p}", "out_norm.{p}"),
-    ("out.{p}", "out.{p}"),
+    ("class_embed.weight", "class_embed.weight"), ("encoder_to_decoder.{p}", "enc_to_dec.{p}"),
+    *[("decoder_blocks.{i}." + official + ".{p}", "dec_blocks.{i}." + ours + ".{p}") for official, ours in
+      DECODER_PARTS],
+    ("out_norm.{p}", "out_norm.{p}"), ("out.{p}", "out.{p}"),
 ]
 
-# ----------------------------------------------------------------------------------------------------------------
-# How the official sampler runs a released generator (official `sample.py`, `rcm/rcm_denoiser.py`, configs), written
-# into config["normalize"] and config["sampling"] so that the released FIDs can be reproduced:
-#   normalize  "imagenet": data = (x - mean_IN) / (2 std_IN) (data.normalize mode), std="imagenet" in every
-#              released diffusion config; the unconditional consistency checkpoint (no class table, first-release
-#              config without `std`) used "simple" = 2x - 1.
-#   clamp      "official": the denoiser output is clamped to [-1, 1] in normalised space (narrower than the imagenet
-#              data range, so highlights are capped; our default clamps to data.data_range instead).
-#   null_class the unconditional label is index num_classes (1000 for ImageNet), the last class-table row: the same
-#              convention as models.EPG, so no relabelling.
-#   c_noise    official 1000 * 0.25 * ln(sigma~ + 1e-44) with sigma~ = s * sigma: our losses.c_noise is 250 ln sigma~;
-#              the 1e-44 is far below one ulp of the smallest sigma~ used (s * 0.002 = 0.008 at 256^2) in fp32
-#              and fp64, so both give bit-identical time inputs (tests/test_official.py checks this): no change.
-#   sampler    fp32, EMA weights, Heun over 32 shifted Karras points without a final sigma = 0, interval CFG on
-#              (0.19 s, 1.61 s]; the consistency model samples in one step from s * 80.
-# ----------------------------------------------------------------------------------------------------------------
+# The official sampler (its sample.py, rcm/rcm_denoiser.py, configs): fp32 EMA weights, the denoiser output clamped
+# to [-1, 1], Heun over 32 Karras points without a final sigma = 0 and CFG on (0.19 s, 1.61 s], or one consistency
+# step; "imagenet" normalisation, but "simple" (2x - 1) for the unconditional consistency release. Its null class
+# and time input 250 ln(sigma~ + 1e-44) equal ours (bit for bit on every grid used: tests/test_official.py).
 OFFICIAL_SAMPLING = {
     "diffusion": dict(clamp="official", sampler="heun", steps=32, cfg_interval=(0.19, 1.61)),
     "consistency": dict(clamp="official", sampler="consistency", steps=1),
@@ -116,40 +61,30 @@ RELEASED_GENERATORS = {
 }
 
 CHECKPOINT_FILES = {"ema": ("nnet_ema.pth", "nnet.pth"), "online": ("nnet.pth", "nnet_ema.pth")}
+NOT_OFFICIAL = "not an official EPG/RCM state dict (no top-level patch_embed.proj.weight, pos_embed and cls_token)"
 
 
 class OfficialCheckpointError(ValueError):
     """An official checkpoint that cannot be read or does not match our models (one-line message)."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Recognising and sizing an official state dict
-# ----------------------------------------------------------------------------------------------------------------
-def _template_regex(template):
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[A-Za-z_]+)")
-    return re.compile(pattern)
+def _rules(pairs):
+    """(regex of one template with {i}/{p} as named groups, the other template) for each pair."""
+    return [(re.compile(re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[A-Za-z_]+)")),
+             target) for source, target in pairs]
 
 
-_FORWARD = [(_template_regex(official), ours) for official, ours in NAME_TABLE]
-_BACKWARD = [(_template_regex(ours), official) for official, ours in NAME_TABLE]
+_FORWARD = _rules(NAME_TABLE)
+_BACKWARD = _rules((ours, official) for official, ours in NAME_TABLE)
 
 
 def _rename(name, rules):
+    """`name` renamed by the first rule it matches (_FORWARD: official -> ours, _BACKWARD: ours -> official)."""
     for regex, template in rules:
         match = regex.fullmatch(name)
         if match:
             return template.format(**match.groupdict())
     return None
-
-
-def official_to_ours(name):
-    """Our parameter name for official parameter `name`, or None if the name is not in NAME_TABLE."""
-    return _rename(name, _FORWARD)
-
-
-def ours_to_official(name):
-    """The official name of our parameter `name` (inverse of official_to_ours)."""
-    return _rename(name, _BACKWARD)
 
 
 def _strip_module_prefix(sd):
@@ -160,8 +95,7 @@ def _strip_module_prefix(sd):
 
 
 def is_official_state_dict(sd):
-    """True if `sd` has the official key layout (top-level patch_embed.proj / pos_embed / cls_token of RCMViT or
-    EPGViT); False for our own state dicts (keys under encoder.) and our checkpoint files ("stage", "config", ...)."""
+    """True for the official key layout; False for our state dicts (keys under encoder.) and checkpoint files."""
     if not isinstance(sd, dict):
         return False
     sd = _strip_module_prefix(sd)
@@ -181,83 +115,51 @@ def _shape(sd, key):
 
 
 def infer_official_config(sd):
-    """Model size of an official state dict, from its tensor shapes.
-
-    Returns dict(kind "rcm" | "epg", model (a models.MODEL_CONFIGS name), image_size, patch_size,
-    num_classes (EPG: rows of the class table - 1, i.e. the null index; 0 for an unconditional model without a class
-    table; None for RCM), proj_dim (RCM projector output; None for EPG, or for an RCM saved without projector),
-    depth, enc_dim, dec_dim).
-    Raises OfficialCheckpointError if `sd` is not official or matches none of our configurations.
-    """
+    """dict(kind "rcm" | "epg", model (a models.MODEL_CONFIGS name), image_size, patch_size, num_classes (EPG: the
+    null index, 0 without a class table), proj_dim (RCM projector output or None), depth, enc_dim, dec_dim)."""
     if not is_official_state_dict(sd):
-        raise OfficialCheckpointError("not an official EPG/RCM state dict (no top-level patch_embed.proj.weight, "
-                                      "pos_embed and cls_token)")
+        raise OfficialCheckpointError(NOT_OFFICIAL)
     sd = _strip_module_prefix(sd)
-    patch_shape = _shape(sd, "patch_embed.proj.weight")                   # (D_enc, 3, p, p)
-    if len(patch_shape) != 4 or patch_shape[1] != 3 or patch_shape[2] != patch_shape[3]:
-        raise OfficialCheckpointError(f"official patch embedding has shape {patch_shape}; expected (D, 3, p, p)")
-    enc_dim, patch_size = patch_shape[0], patch_shape[2]
-    cls_shape, pos_shape = _shape(sd, "cls_token"), _shape(sd, "pos_embed")  # (1, 1, D), (1, 2 + N, D)
-    if len(cls_shape) != 3 or cls_shape[1] != 1:
-        raise OfficialCheckpointError(f"official cls_token has shape {cls_shape}: our models have exactly one [CLS] "
-                                      f"token (official tokens=1)")
-    num_patches = pos_shape[1] - 2
-    grid = math.isqrt(max(num_patches, 0))
-    if len(pos_shape) != 3 or grid * grid != num_patches or grid == 0:
-        raise OfficialCheckpointError(f"official pos_embed has shape {pos_shape}: expected (1, 2 + m*m, D)")
-    image_size = grid * patch_size
-    depth = _block_count(sd, "blocks.")
-    kind = "epg" if _block_count(sd, "decoder_blocks.") else "rcm"
-
-    config = dict(kind=kind, image_size=image_size, patch_size=patch_size, depth=depth, enc_dim=enc_dim)
+    patch_shape, pos_shape = _shape(sd, "patch_embed.proj.weight"), _shape(sd, "pos_embed")
+    grid = math.isqrt(max(pos_shape[1] - 2, 0)) if len(pos_shape) == 3 else 0
+    if len(patch_shape) != 4 or grid == 0 or grid * grid != pos_shape[1] - 2:   # other shapes: convert_state_dict
+        raise OfficialCheckpointError(f"official patch embedding {patch_shape} and pos_embed {pos_shape} are not of "
+                                      f"the shapes (D, 3, p, p) and (1, 2 + m*m, D)")
+    depth, dec_depth = _block_count(sd, "blocks."), _block_count(sd, "decoder_blocks.")
+    enc_dim, patch_size, kind = patch_shape[0], patch_shape[2], "epg" if dec_depth else "rcm"
+    config = dict(kind=kind, image_size=grid * patch_size, patch_size=patch_size, depth=depth, enc_dim=enc_dim,
+                  dec_dim=enc_dim, num_classes=None, proj_dim=None)
     if kind == "epg":
-        dec_depth = _block_count(sd, "decoder_blocks.")
-        dec_dim = _shape(sd, "out_norm.weight")[0]
-        num_classes = _shape(sd, "class_embed.weight")[0] - 1 if "class_embed.weight" in sd else 0
-        config.update(num_classes=num_classes, proj_dim=None, dec_dim=dec_dim)
-        names = [n for n, c in ((n, models.model_config(n)) for n in models.MODEL_CONFIGS)
-                 if (c["depth"], c["enc_dim"], c["dec_dim"], c["tokens_per_side"]) == (depth, enc_dim, dec_dim, grid)
-                 and dec_depth == depth]
-        described = (f"EPG with encoder {depth}x{enc_dim}, decoder {dec_depth}x{dec_dim}, patch {patch_size} at "
-                     f"{image_size}px")
-    else:
-        last = _block_count(sd, "projection_head.") - 1
-        config.update(num_classes=None, dec_dim=enc_dim,
-                      proj_dim=_shape(sd, f"projection_head.{last}.weight")[0] if last >= 0 else None)
-        # an RCM is named after the model whose decoder mirrors its encoder (RCM-B, not RCM-XL)
-        names = [n for n, c in ((n, models.model_config(n)) for n in models.MODEL_CONFIGS)
-                 if (c["depth"], c["enc_dim"], c["tokens_per_side"]) == (depth, enc_dim, grid)
-                 and (c["dec_dim"], c["dec_heads"]) == (c["enc_dim"], c["enc_heads"])]
-        described = f"RCM with encoder {depth}x{enc_dim}, patch {patch_size} at {image_size}px"
+        config["dec_dim"] = _shape(sd, "out_norm.weight")[0]
+        config["num_classes"] = _shape(sd, "class_embed.weight")[0] - 1 if "class_embed.weight" in sd else 0
+    elif _block_count(sd, "projection_head."):
+        config["proj_dim"] = _shape(sd, f"projection_head.{_block_count(sd, 'projection_head.') - 1}.weight")[0]
+    # an RCM is named after the model whose decoder mirrors its encoder (RCM-B, not RCM-XL)
+    size = (depth, enc_dim, config["dec_dim"], grid)
+    names = [n for n, c in ((n, models.model_config(n)) for n in models.MODEL_CONFIGS)
+             if (c["depth"], c["enc_dim"], c["dec_dim"], c["tokens_per_side"]) == size
+             and (dec_depth == depth if kind == "epg" else c["dec_heads"] == c["enc_heads"])]
     if not names:
-        raise OfficialCheckpointError(f"official checkpoint ({described}) matches none of our model configurations "
-                                      f"({', '.join(models.MODEL_CONFIGS)}); add it to models.MODEL_CONFIGS with "
-                                      f"its head counts")
+        decoder = f", decoder {dec_depth}x{config['dec_dim']}" if dec_depth else ""
+        raise OfficialCheckpointError(f"official {kind.upper()} checkpoint (encoder {depth}x{enc_dim}{decoder}, patch "
+                                      f"{patch_size} at {config['image_size']}px) matches none of our model "
+                                      f"configurations ({', '.join(models.MODEL_CONFIGS)}); add it to "
+                                      f"models.MODEL_CONFIGS with its head counts")
     config["model"] = names[0]
     return config
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Conversion
-# ----------------------------------------------------------------------------------------------------------------
 def build_model(config):
-    """Our model for an inferred official `config`: models.build_epg / build_rcm (random init; load the converted
-    state dict into it). An RCM saved without projector converts to its encoder only: use it with
-    models.load_encoder_from_rcm (fine-tuning --init) rather than with this RCM."""
+    """Our model (random init) for an inferred official `config`, to load the converted state dict into."""
     if config["kind"] == "epg":
         return models.build_epg(config["model"], config["image_size"], config["num_classes"])
     return models.build_rcm(config["model"], config["image_size"], config["proj_dim"])
 
 
-def _short_list(items, limit=6):
-    shown = ", ".join(items[:limit])
-    return f"[{shown}{f', ... (+{len(items) - limit} more)' if len(items) > limit else ''}]"
-
-
 def convert_state_dict(sd):
-    """Official RCMViT / EPGViT (or DMViT) state dict -> (infer_official_config(sd), our state dict, which loads with
-    strict=True into build_model(config)). Every official tensor is used exactly once and every one of ours is
-    filled, else OfficialCheckpointError lists the missing, unexpected and wrong-shaped tensors (official names)."""
+    """Official RCMViT / EPGViT state dict -> (infer_official_config(sd), our state dict for build_model(config)):
+    every tensor used once and every one of ours filled, else an error names the missing, unexpected and
+    wrong-shaped ones."""
     sd = _strip_module_prefix(sd) if isinstance(sd, dict) else sd
     config = infer_official_config(sd)
     kind = config["kind"]
@@ -266,14 +168,13 @@ def convert_state_dict(sd):
     if kind == "rcm" and config["proj_dim"] is None:                      # saved without projector: encoder only
         target = {k: v for k, v in target.items() if k.startswith("encoder.")}
     if kind == "epg" and config["num_classes"] == 0:
-        # Unconditional official model (no class table; the official forward then adds no class embedding): our EPG
-        # with num_classes = 0 has one class row, the null class 0, filled with zeros -> identical computation.
+        # unconditional (no class embedding): our EPG's one class row, the null class 0, is filled with zeros below
         del target["class_embed.weight"]
 
     converted, matched, unexpected, wrong_shape = {}, set(), [], []
     for name, tensor in sd.items():
-        ours = official_to_ours(name)
-        if ours is None or ours not in target or ours in matched:
+        ours = _rename(name, _FORWARD)
+        if ours not in target:
             unexpected.append(name)
             continue
         matched.add(ours)
@@ -281,22 +182,31 @@ def convert_state_dict(sd):
             wrong_shape.append(f"{name} {tuple(tensor.shape)} vs {target[ours]}")
         else:
             converted[ours] = tensor
-    missing = [ours_to_official(k) for k in target if k not in matched]
-    if missing or unexpected or wrong_shape:
-        what = kind.upper()
-        problems = [f"{len(l)} {label} {_short_list(l)}" for label, l in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong-shaped (got vs expected)", wrong_shape))
-                    if l]
-        raise OfficialCheckpointError(f"official {what} checkpoint does not match our {what}-{config['model']} at "
-                                      f"{config['image_size']}px: " + "; ".join(problems))
+    missing = [_rename(k, _BACKWARD) for k in target if k not in matched]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong-shaped (got vs expected)",
+                                                                            wrong_shape)):
+        if names:
+            problems.append(f"{len(names)} {label} [{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}]")
+    if problems:
+        raise OfficialCheckpointError(f"official {kind.upper()} checkpoint does not match our {kind.upper()}-"
+                                      f"{config['model']} at {config['image_size']}px: " + "; ".join(problems))
     if kind == "epg" and config["num_classes"] == 0:
         converted["class_embed.weight"] = torch.zeros(1, config["enc_dim"], dtype=sd["pos_embed"].dtype)
     return config, converted
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Files, folders and our checkpoint
-# ----------------------------------------------------------------------------------------------------------------
+def official_sampling(config):
+    """(stage, normalize, sampling) of the official sampler for the EPG of `config`. The stage comes from the
+    released generators (weights do not tell); cfg_scale is left out where unknown or unused (unconditional)."""
+    stage, cfg_scale = RELEASED_GENERATORS.get((config["model"], config["image_size"]), ("diffusion", None))
+    conditional = config["num_classes"] > 0
+    sampling = dict(OFFICIAL_SAMPLING[stage])
+    if cfg_scale is not None and conditional:
+        sampling["cfg_scale"] = cfg_scale
+    return stage, "imagenet" if conditional else "simple", sampling
+
+
 def _checkpoint_file(path, weights):
     if os.path.isdir(path):
         for name in CHECKPOINT_FILES[weights]:
@@ -311,39 +221,19 @@ def _checkpoint_file(path, weights):
 
 def _read_state_dict(file):
     """torch.load of a plain state dict, tensors only (weights_only), memory-mapped where the format allows."""
-    for mmap in (True, False):
-        try:
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-            break
-        except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the file is unusable
-            error = e
-    else:
-        raise OfficialCheckpointError(f"'{file}' is unreadable or corrupt ({type(error).__name__}); use another "
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the file is unusable
+        raise OfficialCheckpointError(f"'{file}' is unreadable or corrupt ({type(e).__name__}); use another "
                                       f"checkpoint") from None
     if not is_official_state_dict(sd):
-        raise OfficialCheckpointError(f"'{file}' is not an official EPG/RCM state dict (no top-level "
-                                      f"patch_embed.proj.weight, pos_embed and cls_token)")
-    return _strip_module_prefix(sd)
-
-
-def official_sampling(config):
-    """(stage, normalize, sampling) of the official sampler for the EPG described by `config` (see OFFICIAL_SAMPLING).
-    The stage and guidance scale are looked up among the released generators (the weights alone do not say whether a
-    model is a diffusion or a consistency model); cfg_scale is left out where the official scale is unknown or
-    unused (unconditional model)."""
-    stage, cfg_scale = RELEASED_GENERATORS.get((config["model"], config["image_size"]), ("diffusion", None))
-    conditional = config["num_classes"] > 0
-    sampling = dict(OFFICIAL_SAMPLING[stage])
-    if cfg_scale is not None and conditional:
-        sampling["cfg_scale"] = cfg_scale
-    return stage, "imagenet" if conditional else "simple", sampling
+        raise OfficialCheckpointError(f"'{file}' is {NOT_OFFICIAL}")
+    return sd
 
 
 def official_checkpoint(path, weights=None):
-    """One of our checkpoints (the dict described in the module docstring) from a released folder or .pth file.
+    """One of our checkpoints (see the module docstring) from a released folder or .pth file.
     weights: "ema" | "online" | None (the official scripts' choice: EMA for an EPG, online for an RCM)."""
-    if weights not in (None, *CHECKPOINT_FILES):
-        raise OfficialCheckpointError(f"unknown weights {weights!r}; choose one of {', '.join(CHECKPOINT_FILES)}")
     file = _checkpoint_file(path, weights or "ema")
     config, state = convert_state_dict(_read_state_dict(file))
     if weights is None and config["kind"] == "rcm" and _checkpoint_file(path, "online") != file:
@@ -360,8 +250,8 @@ def official_checkpoint(path, weights=None):
 
 
 def convert(src, out, weights=None):
-    """Write official_checkpoint(src, weights) to `out` atomically (a temporary file in the same folder, then a
-    rename: a kill leaves no half-written `out`). An existing `out` is never overwritten. Returns the checkpoint."""
+    """Write official_checkpoint(src, weights) to `out` atomically (temporary file in the same folder, fsync,
+    rename); an existing `out` is never overwritten. Returns the checkpoint."""
     if os.path.exists(out):
         raise OfficialCheckpointError(f"'{out}' already exists; remove it or choose another output file")
     folder = os.path.dirname(os.path.abspath(out))
@@ -384,30 +274,23 @@ def convert(src, out, weights=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Convert the authors' released EPG / RCM checkpoints into checkpoints of this project.",
-        epilog="examples:\n"
-               "  python tools/official.py convert EPG-XL-256/ epg_xl.pt     # then: sample.py --ckpt epg_xl.pt\n"
-               "  python tools/official.py convert RCM-B-256/ rcm_b.pt       # then: train_diffusion.py --init rcm_b.pt",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="convert")
     command = commands.add_parser("convert", help="write one of our checkpoints from a released folder or .pth file")
     command.add_argument("src", metavar="SRC", help="a released folder (nnet_ema.pth / nnet.pth) or one .pth file")
     command.add_argument("out", metavar="OUT.pt", help="the checkpoint to write (must not exist)")
-    command.add_argument("--weights", choices=tuple(CHECKPOINT_FILES), default=None,
-                         help="in a folder: nnet_ema.pth (ema) or nnet.pth (online); default: ema for an EPG, "
-                              "online for an RCM, as the official scripts")
+    command.add_argument("--weights", choices=tuple(CHECKPOINT_FILES),
+                         help="in a folder: nnet_ema.pth (ema) or nnet.pth (online); default: ema (EPG), online (RCM)")
     args = parser.parse_args(argv)
     try:
         checkpoint = convert(args.src, args.out, args.weights)
     except OfficialCheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    cfg = checkpoint["config"]
-    kind = "RCM" if checkpoint["stage"] == "pretrain" else "EPG"
+    cfg, stage = checkpoint["config"], checkpoint["stage"]
     sampling = ", ".join(f"{k} {v}" for k, v in cfg.get("sampling", {}).items())
-    print(f"wrote {args.out}: {kind}-{cfg['model']}/{cfg['patch_size']} at {cfg['image_size']}px, stage "
-          f"{checkpoint['stage']}, normalize {cfg['normalize']}, from {cfg['converted_from']}"
+    print(f"wrote {args.out}: {'RCM' if stage == 'pretrain' else 'EPG'}-{cfg['model']}/{cfg['patch_size']} at "
+          f"{cfg['image_size']}px, stage {stage}, normalize {cfg['normalize']}, from {cfg['converted_from']}"
           + (f"; sampling defaults: {sampling}" if sampling else ""))
 
 

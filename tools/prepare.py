@@ -4,7 +4,8 @@ SRC into DST/<same sub-folders>/<same stem>.png, lossless.
     python tools/prepare.py /data/imagenet/train /data/in256/train --image-size 256 --workers 16
     python tools/prepare.py /data/imagenet/val   /data/in256/val   --image-size 256 --workers 16
 
-Existing outputs are skipped, so rerunning resumes; unreadable inputs are reported and skipped.
+Existing outputs are skipped, so a rerun resumes. Unreadable inputs are skipped and reported; a destination that
+cannot be written (a full disk, DST a file) stops the run with one line and exit code 2.
 """
 import argparse
 import contextlib
@@ -19,25 +20,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import trainlib  # noqa: E402
 
+
 def _prepare_one(job):
-    """(source, destination, image_size) -> (source, error message or None)."""
+    """(source, destination, image_size) -> (source, None) when written, else (source, ("read" | "write", reason))."""
     source, destination, image_size = job
     try:
         with Image.open(source) as im:
             image = data.adm_center_crop(im, image_size)
+    except Exception as error:                  # any decoding problem: the input is unusable, the run goes on
+        return source, ("read", f"{type(error).__name__}: {error}")
+    partial = destination.with_name("." + destination.name + ".partial")      # never a half-written PNG
+    try:
         destination.parent.mkdir(parents=True, exist_ok=True)
-        partial = destination.with_name("." + destination.name + ".partial")  # never leave a half-written PNG
         image.save(partial, format="PNG", compress_level=0)
         os.replace(partial, destination)
         return source, None
-    except Exception as error:
-        return source, f"{type(error).__name__}: {error}"
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        return source, ("write", f"cannot write {destination} ({error.strerror or error})")
 
 
 def prepare(source_dir, destination_dir, image_size, workers=0):
-    """ADM-center-crop every image under source_dir into destination_dir/<same sub-folders>/<same stem>.png
-    (lossless, compress_level=0); existing outputs are skipped, so a rerun resumes.  -> (written, skipped, failed),
-    failed a list of (path, error)."""
+    """The module docstring's work -> (written, skipped, failed: [(path, error)] of unreadable inputs); a write
+    failure raises trainlib.UserError."""
     from tqdm import tqdm
     source_dir, destination_dir = Path(source_dir), Path(destination_dir)
     if not source_dir.is_dir():
@@ -65,16 +71,18 @@ def prepare(source_dir, destination_dir, image_size, workers=0):
         for source, error in pool.imap_unordered(_prepare_one, jobs, 16) if parallel else map(_prepare_one, jobs):
             if error is None:
                 written += 1
+            elif error[0] == "write":           # the pool is stopped on the way out
+                raise trainlib.UserError(f"{error[1]}; free disk space or choose another DST, then rerun (the "
+                                         f"images written so far are kept)")
             else:
-                failed.append((source, error))
+                failed.append((source, error[1]))
             progress.update(1)
     return written, skipped, failed
 
 
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", metavar="SRC", help="source folder, e.g. SRC/<class_name>/<image files>")
     p.add_argument("dst", metavar="DST", help="destination folder (created); keeps SRC's sub-folders and file stems")
     p.add_argument("--image-size", type=int, default=256, help="output side length in pixels")
@@ -82,11 +90,9 @@ def main(argv=None):
                    help="worker processes; 0 = in this process")
     args = p.parse_args(argv)
     written, skipped, failed = prepare(args.src, args.dst, args.image_size, args.workers)
-    print(f"wrote {written} PNGs to {args.dst}, skipped {skipped} that already existed, {len(failed)} failed")
-    for source, error in failed[:20]:
+    for source, error in failed:
         print(f"warning: skipped {source}: {error}", file=sys.stderr)
-    if len(failed) > 20:
-        print(f"warning: ... and {len(failed) - 20} more unreadable inputs", file=sys.stderr)
+    print(f"wrote {written} PNGs to {args.dst}, skipped {skipped} that already existed, {len(failed)} unreadable")
 
 
 if __name__ == "__main__":
