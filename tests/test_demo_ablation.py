@@ -5,7 +5,6 @@ import numpy as np
 import torch
 
 import demo
-import data
 import shapes
 import models
 

@@ -25,7 +25,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import shapes
 import fid
 import models
