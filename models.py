@@ -213,13 +213,14 @@ class Encoder(nn.Module):
         return self.norm(h), skips
 
 
-def init_vit_weights(module):
-    """Initialisation of the official code: xavier-uniform Linear (qkv per q/k/v slice, as in MoCo v3), zero biases,
-    xavier conv over the flattened kernel, CLS ~ N(0, 1e-6^2), positional embedding ~ trunc-normal(0.02) (or, for an
-    encoder built with pos_embed_init="sincos", the 2-D sin-cos embedding on the image tokens and 0 on [CLS], [time])."""
+def init_vit_weights(module, qkv_per_slice=True):
+    """Initialisation of the official code: xavier-uniform Linear (for the RCM the fused qkv per q/k/v slice, as in
+    MoCo v3; for the EPG one xavier over the fused (3D, D) matrix, as the official EPGViT), zero biases, xavier conv
+    over the flattened kernel, CLS ~ N(0, 1e-6^2), positional embedding ~ trunc-normal(0.02) (or, for an encoder built
+    with pos_embed_init="sincos", the 2-D sin-cos embedding on the image tokens and 0 on [CLS], [time])."""
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
-            if name.endswith("qkv"):
+            if name.endswith("qkv") and qkv_per_slice:
                 bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
                 nn.init.uniform_(m.weight, -bound, bound)
             else:
@@ -306,7 +307,7 @@ class EPG(nn.Module):
             DecoderBlock(dec_dim, dec_heads, enc_dim, enc_dim, mlp_ratio, decoder_dropout) for _ in range(depth)])
         self.out_norm = LayerNorm(dec_dim)
         self.out = nn.Linear(dec_dim, patch_size * patch_size * 3)
-        init_vit_weights(self)
+        init_vit_weights(self, qkv_per_slice=False)
         nn.init.normal_(self.class_embed.weight, std=0.02)
         for block in self.dec_blocks:                                   # adaLN-Zero: every gate starts at zero
             nn.init.zeros_(block.adaLN_modulation[-1].weight)

@@ -189,3 +189,15 @@ def test_position_embedding_init_official_for_paper_models_sincos_for_tiny():
     torch.manual_seed(0)
     paper = models.build_rcm("S", 256).encoder.pos_embed.detach()                # official: trunc-normal(0.02)
     assert abs(float(paper.std()) - 0.02) < 1e-3 and abs(float(paper.mean())) < 1e-3
+
+
+def test_qkv_initialisation_follows_the_official_code():
+    """Xavier-uniform has variance 2 / (fan_in + fan_out): the EPG's fused (3D, D) qkv gets 2 / (4D) (one xavier over
+    the fused matrix, as the official EPGViT), the RCM's q/k/v slices 2 / (2D) each (per slice, as MoCo v3)."""
+    torch.manual_seed(0)
+    D = models.MODEL_CONFIGS["T"]["dec_dim"]
+    epg, rcm = models.build_epg("T", 32, 10), models.build_rcm("T", 32)
+    for block in epg.dec_blocks:
+        assert block.attn.qkv.weight.var().item() == pytest.approx(2 / (4 * D), rel=0.03)
+    for block in rcm.encoder.blocks:
+        assert block.attn.qkv.weight.var().item() == pytest.approx(2 / (2 * D), rel=0.03)
