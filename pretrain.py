@@ -156,7 +156,7 @@ def main(argv=None):
         run_probe(0)
     mine = slice(env.rank * local_batch, (env.rank + 1) * local_batch)
     for step in range(start, args.steps):
-        trainlib.seed_step(args.seed, step, env.rank)
+        trainlib.seed_step(args.seed, step, env.rank)                             # global RNG: f(seed, step, rank)
         lr_now = trainlib.set_lr(optimizer, trainlib.learning_rate(step, args, lr))
         batch = trainlib.to_device(next(batches), device)
         x, view1, view2 = batch["clean"], batch["view1"], batch["view2"]
@@ -179,7 +179,7 @@ def main(argv=None):
                                               sigma_views, tau_rc[part], args.ctr_tau, first=mine.start + part.start)
                 loss = (args.ctr_weight * ctr + args.rc_weight * rc).mean()                  # lambda(t) = 1
                 (loss / accum).backward()
-            terms += torch.stack([loss, ctr.mean(), rc.mean()]).detach() / accum
+            terms += torch.stack([loss, ctr.mean(), rc.mean()]).detach().float() / accum
 
         if stepper.step(terms[0], args.grad_clip, step + 1):
             trainlib.ema_update(momentum, rcm, args.momentum)                     # theta- <- m theta- + (1-m) theta

@@ -180,10 +180,9 @@ def main(argv=None):
                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
 
     # ---- the loop ----
-    model.train()
     mine = slice(env.rank * local_batch, (env.rank + 1) * local_batch)
     for step in range(start, args.steps):
-        trainlib.seed_step(args.seed, step, env.rank)                             # dropout masks: f(seed, step, rank)
+        trainlib.seed_step(args.seed, step, env.rank)                             # global RNG: f(seed, step, rank)
         lr_now = trainlib.set_lr(optimizer, trainlib.learning_rate(step, args, args.lr))
         batch = trainlib.to_device(next(batches), device)
         x, y = batch["image"], batch["label"]

@@ -177,11 +177,12 @@ def main(argv=None):
         return {"stage": "diffusion", "config": config, "step": step + 1, "model": model.state_dict(),
                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
 
-    # ---- the loop ----
     t0 = time.perf_counter()
+
+    # ---- the loop ----
     mine = slice(env.rank * local_batch, (env.rank + 1) * local_batch)
     for step in range(start, args.steps):
-        trainlib.seed_step(args.seed, step, env.rank)
+        trainlib.seed_step(args.seed, step, env.rank)                             # global RNG: f(seed, step, rank)
         lr_now = trainlib.set_lr(optimizer, trainlib.learning_rate(step, args, args.lr))
         batch = trainlib.to_device(next(batches), device)
         x, y = batch["image"], batch["label"]
@@ -200,7 +201,7 @@ def main(argv=None):
                 with trainlib.autocast(device):
                     loss = losses.diffusion_loss(net, x[part], y[part], sigma[part], weight[part], eps[part]).mean()
                 (loss / accum).backward()
-            terms += torch.stack([loss]).detach() / accum
+            terms += torch.stack([loss]).detach().float() / accum
 
         if stepper.step(terms[0], args.grad_clip, step + 1):
             trainlib.ema_update(ema, model, args.ema)
