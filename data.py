@@ -63,11 +63,12 @@ def to_uint8_hwc(x, mode="simple"):
 
 
 def save_grid(images, path, columns):
-    """Tile uint8 images (N, H, W, 3) into one PNG, `columns` per row, 2 px white gaps (torchvision's make_grid)."""
+    """Tile uint8 images (N, H, W, 3) into one PNG, `columns` per row, 2 px white gaps (torchvision's make_grid);
+    written atomically (the final grid marks a finished run)."""
     from torchvision.utils import make_grid
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=columns, padding=2,
                      pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    trainlib.write_atomically(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
 
 def class_grid(images, labels, path, max_classes=10, per_class=10):
@@ -115,17 +116,25 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise DataError(f"data directory {self.root} does not exist or is not a directory "
                             f"(expected DIR/<class_name>/<images>)")
-        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        paths, labels = [], []
+        try:                                       # a symlink loop: ELOOP
+            self.classes = sorted(e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir())
+            for label, name in enumerate(self.classes):
+                files = sorted(e.name for e in os.scandir(self.root / name) if is_image_file(e.name) and e.is_file())
+                paths += [os.fsencode(os.path.join(name, f)) for f in files]
+                labels += [label] * len(files)
+        except OSError as e:
+            raise DataError(f"cannot read {e.filename} ({e.strerror}); fix or remove it") from None
         if not self.classes:
             raise DataError(f"data directory {self.root} has no class sub-folders; expected DIR/<class_name>/<images> "
                             f"(images of one class can go into a single sub-folder)")
-        paths, labels = [], []
-        for label, name in enumerate(self.classes):
-            files = sorted(e.name for e in os.scandir(self.root / name) if e.is_file() and is_image_file(e.name))
-            paths += [os.fsencode(os.path.join(name, f)) for f in files]
-            labels += [label] * len(files)
         if not paths:
             raise DataError(f"no images (.png, .jpg, .jpeg) found in the class folders of {self.root}")
+        counts = np.bincount(labels, minlength=len(self.classes))
+        empty = [name for name, count in zip(self.classes, counts) if not count]
+        if empty:
+            raise DataError(f"class folders without images in {self.root}: {', '.join(empty)}; every sub-folder is a "
+                            f"class: remove them or add their images")
         # numpy arrays rather than lists of str: DataLoader workers share them without copy-on-read
         self._paths, self._labels = np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64)
         self._reported = set()

@@ -115,7 +115,7 @@ def main(argv=None):
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         start = resume["step"]
-        log(f"resumed from {args.out}/ckpt_last.pt at step {start}")
+        log(f"resumed from {resume['path']} at step {start}")
     del resume
     net = trainlib.ddp(trainlib.compiled(models.RCMViews(rcm, with_rest=True), args, device), env)
     momentum_fn = trainlib.compiled(models.RCMViews(momentum), args, device)

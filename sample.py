@@ -14,9 +14,10 @@ guides only sigma~ <= 0.8); flags override them.
 
 Image i draws its noise from a generator seeded by (seed, i) and its label from one stream over all images, so it is
 the same whatever the batch size or number of processes. Images are drawn in chunks of --batch-size, written to
-OUT/chunks/ as they finish; an interrupted run, rerun with the same command, draws only the missing chunks. The
-result, OUT/samples.npz (ADM format: arr_0 N x H x W x 3 uint8, arr_1 N int64 labels), is written atomically, with
-grid.png (one row per class) and, with --png, one PNG per image.
+OUT/chunks/ atomically as they finish; SIGTERM or Ctrl-C stops after the current chunk (exit code 143 or 130), and an
+interrupted run, rerun with the same command, draws only the missing chunks (and any that a crash left unreadable).
+The result, OUT/samples.npz (ADM format: arr_0 N x H x W x 3 uint8, arr_1 N int64 labels), is written atomically,
+with grid.png (one row per class) and, with --png, one PNG per image.
 
     python sample.py --ckpt runs/dm/ckpt_last.pt --num-samples 64 --cfg-scale 2.5 --out runs/samples
     python sample.py --ckpt runs/cm/ckpt_last.pt --num-samples 64 --out runs/samples_cm            # one step
@@ -28,6 +29,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import sys
 
 import numpy as np
 import torch
@@ -71,7 +74,14 @@ def class_labels(mode, num_samples, num_classes, seed=0, class_counts=None):
     "random":   drawn in proportion to the training set's class counts when known (as the official sampler), else
                 uniformly; one stream for all images, so label i is fixed by (seed, i);
     "balanced": label_i = floor(i * C / N): every class gets floor(N / C) or ceil(N / C) images;
-    "3,5,7":    a comma-separated list, repeated cyclically."""
+    "3,5,7":    a comma-separated list, repeated cyclically.
+    A class-free model (num_classes 0, e.g. the released one-step EPG-L/16) takes its null row, label 0, for
+    random and balanced."""
+    if num_classes == 0:
+        if mode not in ("random", "balanced"):
+            raise trainlib.UserError(f"--labels {mode}: this checkpoint is class-free (unconditional); drop --labels "
+                                     f"and --class-label")
+        return torch.zeros(num_samples, dtype=torch.int64)
     if mode == "random":
         g = torch.Generator().manual_seed(image_seed(seed, 0, _TAG_LABELS))
         if class_counts is None:
@@ -89,6 +99,15 @@ def class_labels(mode, num_samples, num_classes, seed=0, class_counts=None):
     if bad:
         raise trainlib.UserError(f"class label {bad[0]} is out of range: this model has classes 0..{num_classes - 1}")
     return torch.tensor(values, dtype=torch.int64).repeat(math.ceil(num_samples / len(values)))[:num_samples]
+
+
+def chunk_intact(file, shape):
+    """Whether a chunk file holds uint8 images of `shape` (a crash without fsync can leave it empty or cut short)."""
+    try:
+        array = np.load(file, mmap_mode="r")
+    except Exception:  # noqa: BLE001 - whatever the reading error, the chunk is drawn again
+        return False
+    return array.shape == shape and array.dtype == np.uint8
 
 
 def clamp_range(mode, normalize="simple"):
@@ -171,8 +190,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (none: cuda:LOCAL_RANK if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) <= 0:
+    for flag in ("num_samples", "batch_size", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise trainlib.UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.seed < 0:
         raise trainlib.UserError(f"--seed must be >= 0, got {args.seed}")
@@ -219,7 +238,9 @@ def main():
     resolve_sampler(args, stage, cfg.get("sampling", {}))
     model.to(env.device)
     labels = class_labels(args.labels, args.num_samples, cfg["num_classes"], args.seed, cfg.get("class_counts"))
-    chunks = os.path.join(args.out, "chunks")
+    chunks, size = os.path.join(args.out, "chunks"), cfg["image_size"]
+    num_chunks = math.ceil(args.num_samples / args.batch_size)
+    path = lambda c: os.path.join(chunks, f"{c:06d}.npy")                                 # noqa: E731
     settings = {k: getattr(args, k) for k in ("ckpt", "num_samples", "batch_size", "sampler", "steps", "cfg_scale",
                                               "cfg_interval", "mid_sigma", "labels", "weights", "clamp", "seed",
                                               "bf16")}
@@ -233,49 +254,54 @@ def main():
                     raise trainlib.UserError(f"{chunks} holds chunks of a sampling run with other settings; rerun "
                                              f"that command to finish it, or use another --out")
         trainlib.write_json(recorded, settings)
+        for c in range(num_chunks):              # a chunk that a crash cut short (no fsync) is drawn again
+            rows = min(args.batch_size, args.num_samples - c * args.batch_size)
+            if os.path.exists(path(c)) and not chunk_intact(path(c), (rows, size, size, 3)):
+                print(f"note: {path(c)} is unreadable or of the wrong shape; drawing it again", file=sys.stderr)
+                os.remove(path(c))
     if env.distributed:
         dist.barrier()
 
     def autocast():
         return torch.autocast(env.device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
-    # chunk c = images [c B, (c + 1) B); the ranks share the missing chunks round-robin
+    # chunk c = images [c B, (c + 1) B); the ranks share the missing chunks round-robin, in rounds after each of
+    # which SIGTERM/SIGINT stops them all (the chunks written so far stay)
     mode, counter, drawn = cfg.get("normalize", "simple"), {"forwards": 0}, 0
-    num_chunks = math.ceil(args.num_samples / args.batch_size)
-    path = lambda c: os.path.join(chunks, f"{c:06d}.npy")                                 # noqa: E731
     missing = [c for c in range(num_chunks) if not os.path.exists(path(c))]
     todo = missing[env.rank::env.world]
     bar = trainlib.progress(num_chunks, num_chunks - len(missing), env.main and not args.no_progress, "sampling")
-    for c in todo:
-        idx = torch.arange(c * args.batch_size, min((c + 1) * args.batch_size, args.num_samples))
-        x = generate(model, cfg, idx, labels[idx], args, env.device, autocast, counter)
-        drawn += len(idx)
-        if not torch.isfinite(x).all():
-            raise trainlib.UserError(f"images {idx[0].item()}..{idx[-1].item()} came out NaN/inf: the model or the "
-                                     f"sampling settings are broken (try --clamp data, fp32, a smaller --cfg-scale)")
-        tmp = path(c) + ".tmp.npy"
-        np.save(tmp, data.to_uint8_hwc(x, mode))
-        os.replace(tmp, path(c))
-        bar.update(env.world)
+    for c in todo + [None] * (math.ceil(len(missing) / env.world) - len(todo)):
+        if c is not None:
+            idx = torch.arange(c * args.batch_size, min((c + 1) * args.batch_size, args.num_samples))
+            x = generate(model, cfg, idx, labels[idx], args, env.device, autocast, counter)
+            drawn += len(idx)
+            if not torch.isfinite(x).all():
+                raise trainlib.UserError(f"images {idx[0].item()}..{idx[-1].item()} came out NaN/inf: the model or "
+                                         f"the sampling settings are broken (try --clamp data, fp32, a smaller "
+                                         f"--cfg-scale)")
+            trainlib.write_atomically(path(c), lambda f: np.save(f, data.to_uint8_hwc(x, mode)))
+            bar.update(env.world)
+        stop = trainlib.preempted(env)
+        if stop:
+            done = sum(os.path.exists(path(k)) for k in range(num_chunks))
+            raise trainlib.Preempted(stop, f"stopped with {done} of {num_chunks} chunks in {chunks}; rerun the same "
+                                           f"command to draw the others")
     bar.close()
     if env.distributed:
         dist.barrier()
     if env.main:
         images = np.concatenate([np.load(path(c)) for c in range(num_chunks)])
         arr_1 = labels.numpy().astype(np.int64)
-        tmp = os.path.join(args.out, f".samples-{os.getpid()}.npz")
-        np.savez(tmp, arr_0=images, arr_1=arr_1)
-        os.replace(tmp, os.path.join(args.out, "samples.npz"))
+        trainlib.write_atomically(os.path.join(args.out, "samples.npz"),
+                                  lambda f: np.savez(f, arr_0=images, arr_1=arr_1))
         data.class_grid(images, arr_1, os.path.join(args.out, "grid.png"))
         if args.png:
             from PIL import Image
             os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
             for i, image in enumerate(images):
                 Image.fromarray(image).save(os.path.join(args.out, "images", f"{i:06d}.png"))
-        for c in range(num_chunks):
-            os.remove(path(c))
-        os.remove(os.path.join(chunks, "settings.json"))
-        os.rmdir(chunks)
+        shutil.rmtree(chunks)
         guidance = f", CFG {args.cfg_scale} on ({args.cfg_interval[0]}, {args.cfg_interval[1]}]" \
             if args.cfg_scale != 1.0 else ""
         nfe = f"{counter['forwards'] / drawn:g} network evaluations per image; " if drawn else ""

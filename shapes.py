@@ -7,6 +7,7 @@ the classifier's feature space, NOT comparable to Inception FID).
 """
 import argparse
 import colorsys
+import json
 import math
 import os
 import sys
@@ -374,11 +375,13 @@ def main(argv=None):
         preview(args.out, args.image_size, args.per_class, args.split, args.seed)
         print(f"wrote {args.out}")
     else:
+        if args.out:                               # before the work: the folder exists, takes a file, has room
+            fid.check_destination(args.out, 4096)
         metrics = score(args.samples, args.device, args.cache_dir)
         for name, value in metrics.items():
             print(f"{METRIC_NAMES[name]}: {value:.8g}")
         if args.out:
-            trainlib.write_json(args.out, metrics)
+            fid.write_atomically(args.out, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def main(argv=None):
         ema.load_state_dict(resume["ema"])
         optimizer.load_state_dict(resume["optimizer"])
         start = resume["step"]
-        log(f"resumed from {args.out}/ckpt_last.pt at step {start}")
+        log(f"resumed from {resume['path']} at step {start}")
     del resume, rcm
     target = trainlib.compiled(model, args, device)      # the stop-gradient pass: same kernels, same dropout masks
     net = trainlib.ddp(target, env)

@@ -156,7 +156,7 @@ def main(argv=None):
         ema.load_state_dict(resume["ema"])
         optimizer.load_state_dict(resume["optimizer"])
         start = resume["step"]
-        log(f"resumed from {args.out}/ckpt_last.pt at step {start}")
+        log(f"resumed from {resume['path']} at step {start}")
     del resume, rcm
     net = trainlib.ddp(trainlib.compiled(model, args, device), env)
     ema_net = trainlib.compiled(ema, args, device)                                # the sample grids, compiled too
@@ -222,15 +222,19 @@ def main(argv=None):
             log(f"end-of-run sampling skipped: about {(80 + n_eval) * per_image / 60:.0f} min on {device}, longer "
                 f"than the training itself; sample with: python sample.py --ckpt {args.out}/ckpt_last.pt")
             return
+        with trainlib.stop_on_signal(f"stopped in the end-of-run sampling; the training is complete in {args.out}/"
+                                     f"ckpt_last.pt: rerun the same command for the final evaluation and grid"):
+            if n_eval:
+                labels = torch.arange(n_eval) * num_classes // n_eval                 # balanced
+                images = sample_grid(ema_net, args, num_classes, device, None, labels, seed=1)
+                result = shapes.embedded_metrics(images, labels.numpy(), args.image_size, device=str(device))
+            grid = sample_grid(ema_net, args, num_classes, device, None)
         if n_eval:
-            labels = torch.arange(n_eval) * num_classes // n_eval                     # balanced
-            images = sample_grid(ema_net, args, num_classes, device, None, labels, seed=1)
-            result = shapes.embedded_metrics(images, labels.numpy(), args.image_size, device=str(device))
             meter.write(step=args.steps, eval_samples=n_eval, sample_steps=args.sample_steps,
                         **{f"eval_{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))})
             log(f"embedded-data-set metrics of {n_eval} EMA samples (Heun {args.sample_steps}): "
                 + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float))))
-        sample_grid(ema_net, args, num_classes, device, path)
+        data.save_grid(grid, path, columns=8)
         log(f"final sample grid: {path}")
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ uninterrupted one would have.
 import argparse
 import atexit
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -32,28 +34,48 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, incompatible checkpoint, missing data, ...): one line, exit code 2."""
 
 
+class CorruptCheckpoint(UserError):
+    """A checkpoint file that cannot be read or does not match the checksum recorded when it was written."""
+
+    def __init__(self, path, why, hint=""):
+        super().__init__(f"checkpoint '{path}' {why}{hint}")
+        self.why = why
+
+
 class Preempted(Exception):
-    """SIGTERM arrived; the run saved its checkpoint and stops with exit code 143."""
+    """SIGTERM (or Ctrl-C, SIGINT) arrived; the run saved what a rerun needs and stops with exit code 128 + the
+    signal number (143, 130)."""
+
+    def __init__(self, signum, message):
+        super().__init__(f"{signal.Signals(signum).name}: {message}")
+        self.code = 128 + signum
 
 
 def cli_main(main, *user_errors):
-    """Run `main()`; UserError (and the given exception classes) become one line on stderr and exit code 2."""
+    """Run `main()`; UserError (and the given exception classes) become one line on stderr and exit code 2. Under
+    torchrun only local rank 0 prints an error (one line per node, where every rank meets the same error) and only
+    rank 0, which wrote the checkpoint, the pre-emption message; the other ranks exit quietly with the same code."""
+    rank, local_rank = (os.environ.get(key, "0") for key in ("RANK", "LOCAL_RANK"))
     try:
         main()
     except (UserError, *user_errors) as e:
         from tqdm import tqdm
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()                                 # so that the message starts a line of its own
-        print(f"error: {e}", file=sys.stderr)
+        if local_rank == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Preempted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(143)
+        if rank == "0":
+            print(str(e), file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
         release_locks()
+        signal.signal(signal.SIGINT, signal.default_int_handler)       # as before init_distributed
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -177,7 +199,9 @@ def init_distributed(device_arg=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if world > 1:                                  # a CPU group for the pre-emption flag: no device sync per step
         _STOP["group"] = dist.new_group(backend="gloo")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _STOP["signal"] = 0
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    signal.signal(signal.SIGINT, _on_stop_signal)
     return Env(rank, world, local_rank, device)
 
 
@@ -297,9 +321,18 @@ def step_generator(seed, step, device, stream=0):
 # ----------------------------------------------------------------------------------------------------------------
 # Output directory, checkpoints, pre-emption
 # ----------------------------------------------------------------------------------------------------------------
+LOCK_STALE_S = 300     # a lock whose lease (its mtime, renewed by the live run every fifth of this) is older is stale
+
+
+def _lock_stale_s():
+    return float(os.environ.get("EPG_LOCK_STALE_S", LOCK_STALE_S))          # tests shorten it
+
+
 def prepare_output(out, main=True):
-    """Create OUT, check that it is writable and take its lock (OUT/.lock, naming host and pid): a second run on
-    the same OUT is refused; a lock left by a dead process on this host is taken over. Rank 0 only."""
+    """Create OUT, check that it is writable and take its lock (OUT/.lock, naming host and pid), a lease that this
+    process renews (the lock's mtime) every LOCK_STALE_S / 5 seconds while it lives. A second run on the same OUT is
+    refused; the lock of a dead process on this host, a stale lease (a run SIGKILLed on another node) and an
+    unreadable lock are taken over, with a note. Rank 0 only."""
     if not main:
         return
     probe = os.path.join(out, f".write-test-{os.getpid()}")
@@ -316,20 +349,47 @@ def prepare_output(out, main=True):
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        with open(lock) as f:
-            host, _, pid = f.read().strip().partition(" ")
-        if host != socket.gethostname() or (_alive(int(pid or 0)) and int(pid) != os.getpid()):
-            raise UserError(f"'{out}' is in use by another run (host {host}, pid {pid}); wait for it to finish or "
-                            f"choose another --out (delete {lock} if that run is gone)") from None
-        if int(pid or 0) != os.getpid():
-            print(f"note: taking over the lock of a dead run (pid {pid}) in {out}", file=sys.stderr)
-        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
+        _take_over(lock, out)
+        fd = os.open(lock, os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
     os.write(fd, me.encode())
     os.close(fd)
     _LOCKS.append((lock, me))
+    if not any(t.name == "output-lock-lease" for t in threading.enumerate()):
+        threading.Thread(target=_renew_leases, name="output-lock-lease", daemon=True).start()
+
+
+def _take_over(lock, out):
+    """Return when the existing lock may be taken over (saying why), raise UserError while a live run holds it."""
+    try:
+        with open(lock) as f:
+            host, _, pid = f.read().strip().partition(" ")
+        pid, age = int(pid), time.time() - os.stat(lock).st_mtime
+    except (OSError, ValueError):                  # empty or garbage (a crash while it was written), or just gone
+        print(f"note: taking over the unreadable lock {lock}", file=sys.stderr)
+        return
+    if host == socket.gethostname() and pid == os.getpid():
+        return
+    if age > _lock_stale_s():
+        print(f"note: taking over the lock of host {host} (pid {pid}) in {out}: its lease was last renewed "
+              f"{age:.0f} s ago", file=sys.stderr)
+    elif host == socket.gethostname() and not _alive(pid):
+        print(f"note: taking over the lock of a dead run (pid {pid}) in {out}", file=sys.stderr)
+    else:
+        raise UserError(f"'{out}' is in use by another run (host {host}, pid {pid}, lease renewed {age:.0f} s ago); "
+                        f"wait for it to finish or choose another --out (the lock of a run that is gone is taken "
+                        f"over once its lease is {_lock_stale_s():.0f} s old)")
 
 
 _LOCKS = []
+
+
+def _renew_leases():
+    while True:
+        time.sleep(min(60.0, _lock_stale_s() / 5))
+        for lock, me in list(_LOCKS):
+            with contextlib.suppress(OSError), open(lock) as f:
+                if f.read().strip() == me:
+                    os.utime(lock)
 
 
 def release_locks():
@@ -355,53 +415,112 @@ def _alive(pid):
 atexit.register(release_locks)
 
 
+def write_atomically(path, write, mode="wb"):
+    """write(f) into a temporary file beside `path`, fsync, rename: `path` ends up complete or untouched, whatever
+    kill or full disk happens. A failed write is a UserError (one line, exit code 2)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"could not write '{path}' ({e.strerror}); free disk space or choose another --out") from None
+
+
+class _Hashing:
+    """A file-like object for torch.save that hashes what it writes."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _recorded_digests(path):
+    """The sha256 digests that PATH.sha256 records for `path` ([] without one); `sha256sum -c` reads it too."""
+    try:
+        with open(path + ".sha256") as f:
+            return re.findall(r"^([0-9a-f]{64})  ", f.read(), re.M)
+    except (OSError, ValueError):
+        return []
+
+
+def _record_digests(path, digests):
+    name, tmp = os.path.basename(path), f"{path}.sha256.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("".join(f"{d}  {name}\n" for d in digests))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path + ".sha256")
+
+
 def save_checkpoint(path, state):
     """Write `state` to `path` atomically (temporary file, fsync, rename): a kill or a full disk at any moment
-    leaves the old file or the new one, never a torn one, and no temporary file behind. Weights that became
-    NaN/inf are never written over a good checkpoint."""
+    leaves the old file or the new one, never a torn one, and no temporary file behind. Its sha256 goes to
+    PATH.sha256 (load_checkpoint checks it); while the rename is under way that record names both files. Weights
+    that became NaN/inf are never written over a good checkpoint."""
     for name, value in state.items():
         if isinstance(value, dict) and not all(t.isfinite().all() for t in value.values()
                                                if torch.is_tensor(t) and t.is_floating_point()):
             raise UserError(f"the {name} weights became non-finite at or before step {state.get('step')}; the last "
                             f"good checkpoint was kept. Lower --lr, check the data, or pass --skip-nonfinite")
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp, digest, old = f"{path}.tmp-{os.getpid()}", hashlib.sha256(), _recorded_digests(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            torch.save(state, _Hashing(f, digest))
             f.flush()
             os.fsync(f.fileno())
+        if old:
+            _record_digests(path, old + [digest.hexdigest()])
         os.replace(tmp, path)
+        _record_digests(path, [digest.hexdigest()])
     except (OSError, RuntimeError) as e:           # torch.save's zip writer reports a full disk as RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise UserError(f"could not write checkpoint '{path}' ({reason}); free disk space or choose another --out. "
                         f"The previous checkpoint is intact.") from None
-    folder, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".tmp-"
-    for name in os.listdir(folder):                # leftovers of earlier writers that were killed mid-write
-        if name.startswith(prefix):
+    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    for leftover in os.listdir(folder):            # of earlier writers that were killed mid-write
+        if leftover.startswith(name) and ".tmp-" in leftover:
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
+                os.remove(os.path.join(folder, leftover))
 
 
 def write_json(path, obj):
     """Write a JSON file atomically (config.json, metrics summaries)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: json.dump(obj, f, indent=1), "w")
 
 
 def load_checkpoint(path, stage=None, mmap=False):
-    """A checkpoint of this project (weights_only=True); `stage` (a name or tuple) checks which script wrote it."""
+    """A checkpoint of this project (weights_only=True), checked against the sha256 recorded beside it when there is
+    one; `stage` (a name or tuple) checks which script wrote it."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint '{path}' is a directory; pass a checkpoint file, e.g. "
+                        f"{os.path.join(path, 'ckpt_last.pt')}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
+    recorded = _recorded_digests(path)
+    if recorded:
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() not in recorded:
+                raise CorruptCheckpoint(path, f"is corrupt: it does not match the sha256 in {path}.sha256",
+                                        "; use another checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the file is unusable
-        raise UserError(f"checkpoint '{path}' is unreadable or corrupt ({type(e).__name__}); use another "
-                        f"checkpoint (the authors' released weights: python tools/official.py convert {path} "
-                        f"OUT.pt)") from None
+        raise CorruptCheckpoint(path, f"is unreadable or corrupt ({type(e).__name__})",
+                                f"; use another checkpoint (the authors' released weights: python tools/official.py "
+                                f"convert {path} OUT.pt)") from None
     if not isinstance(state, dict) or "stage" not in state or "config" not in state:
         raise UserError(f"'{path}' is not a checkpoint of this project; if it holds the authors' released weights, "
                         f"convert it first: python tools/official.py convert {path} OUT.pt")
@@ -413,10 +532,25 @@ def load_checkpoint(path, stage=None, mmap=False):
 
 
 def resume_state(args, stage, log=print):
-    """OUT/ckpt_last.pt of the run being resumed, or None for a fresh run."""
-    path = os.path.join(args.out, "ckpt_last.pt")
-    state = load_checkpoint(path, stage) if os.path.exists(path) else None
-    if state is not None and state["step"] >= args.steps:
+    """The checkpoint of the run being resumed, or None for a fresh run: OUT/ckpt_last.pt, or where that file is
+    unreadable or corrupt, the newest intact OUT/ckpt_<step>.pt (with a note). Its "path" says which."""
+    last = os.path.join(args.out, "ckpt_last.pt")
+    if not os.path.exists(last):
+        return None
+    kept = sorted((name for name in os.listdir(args.out) if re.fullmatch(r"ckpt_\d+\.pt", name)), reverse=True)
+    try:
+        state, path = load_checkpoint(last, stage), last
+    except CorruptCheckpoint as e:
+        for path in (os.path.join(args.out, name) for name in kept):
+            with contextlib.suppress(CorruptCheckpoint):
+                state = load_checkpoint(path, stage)
+                log(f"note: {last} {e.why}; resuming from {path} (step {state['step']}) instead", file=sys.stderr)
+                break
+        else:
+            raise UserError(f"cannot resume: {last} {e.why}, and {args.out} holds no intact ckpt_<step>.pt; move it "
+                            f"away to start afresh, or choose another --out") from None
+    state["path"] = path
+    if state["step"] >= args.steps:
         log(f"{path} is already at step {state['step']} >= --steps {args.steps}; nothing to do")
     return state
 
@@ -458,27 +592,44 @@ def check_resume(saved, current, steps_fixed=False):
                         + "; ".join(diffs) + ". Use the same arguments or another --out")
 
 
-_STOP = {"requested": False}
+_STOP = {"signal": 0}
 
 
-def _on_sigterm(signum, frame):
-    _STOP["requested"] = True
+def _on_stop_signal(signum, frame):
+    if signum == signal.SIGINT and _STOP["signal"]:
+        raise KeyboardInterrupt                    # a second Ctrl-C stops at once
+    _STOP["signal"] = _STOP["signal"] or signum
 
 
 def preempted(env):
-    """True when SIGTERM arrived (SLURM, Kubernetes): the caller saves its checkpoint and raises Preempted. Under
-    DDP the ranks agree every step through an all-reduce of a CPU flag (gloo), so that they stop at the same step
-    without synchronising the GPU."""
+    """The signal number when SIGTERM (SLURM, Kubernetes) or SIGINT (Ctrl-C) arrived, else 0: the caller saves its
+    state and raises Preempted. Under DDP the ranks agree every step through an all-reduce of a CPU flag (gloo), so
+    that they stop at the same step without synchronising the GPU."""
     if not env.distributed:
-        return _STOP["requested"]
-    flag = torch.tensor([float(_STOP["requested"])])
+        return _STOP["signal"]
+    flag = torch.tensor([_STOP["signal"]])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_STOP["group"])
-    return bool(flag.item())
+    return int(flag.item())
+
+
+@contextlib.contextmanager
+def stop_on_signal(message):
+    """Inside the block SIGTERM and SIGINT stop the process at once, Preempted(message): for work after the last
+    checkpoint that a rerun redoes (end-of-run sampling). One process only."""
+    def stop(signum, frame):
+        raise Preempted(signum, message)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def checkpoint(env, args, step, state):
-    """End of a step: OUT/ckpt_last.pt every --ckpt-every steps, at the end and on SIGTERM (then Preempted is
-    raised); OUT/ckpt_<step>.pt every --keep-every steps. `state()` builds the checkpoint dict (rank 0 only)."""
+    """End of a step: OUT/ckpt_last.pt every --ckpt-every steps, at the end and on SIGTERM/SIGINT (then Preempted is
+    raised, after the save); OUT/ckpt_<step>.pt every --keep-every steps. `state()` builds the checkpoint dict (rank 0
+    only)."""
     stop = preempted(env)
     last = os.path.join(args.out, "ckpt_last.pt")
     if env.main and (step % args.ckpt_every == 0 or step == args.steps or stop):
@@ -486,7 +637,9 @@ def checkpoint(env, args, step, state):
     if env.main and args.keep_every and step % args.keep_every == 0:
         save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), state())
     if stop:
-        raise Preempted(f"SIGTERM: stopped after step {step}, checkpoint {last}; rerun to resume")
+        if env.distributed:                        # no rank leaves before the save is done: torchrun would stop
+            dist.barrier(group=_STOP["group"])     # rank 0 within 30 s once another rank has exited
+        raise Preempted(stop, f"stopped after step {step}; {last} holds step {step}; rerun to resume")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,17 +738,26 @@ class Meter:
     """OUT/metrics.jsonl, one JSON object per line (rank 0 writes). add(terms) sums a step's loss terms (a device
     tensor: loss first, then the named terms) over the applied steps; at every --log-every step and the last,
     log(step, ...) writes their process-averaged mean with lr, grad norm, images/s and peak memory, and stops the run
-    with a clear message when the loss is NaN/inf. On resume, records beyond the checkpoint's step are dropped."""
+    with a clear message when the loss is NaN/inf. On resume, records beyond the checkpoint's step are dropped, and
+    so are lines that do not parse (a write cut short by a crash), with a note."""
 
     def __init__(self, args, env, names, resume_step=0, desc="train"):
         self.path, self.env, self.names, self.args = os.path.join(args.out, "metrics.jsonl"), env, names, args
         self.sums, self.count = torch.zeros(len(names), device=env.device), 0
         self.t0, self.images = time.perf_counter(), 0
         if env.main and resume_step and os.path.isfile(self.path):
-            with open(self.path) as f:
-                lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(lines)
+            kept, torn = [], 0
+            with open(self.path, "rb") as f:
+                for line in filter(bytes.strip, f):
+                    try:
+                        step = json.loads(line).get("step", 0)
+                    except ValueError:
+                        torn += 1
+                        continue
+                    kept += [line] if step <= resume_step else []
+            if torn:
+                print(f"note: dropped {torn} unreadable line(s) of {self.path} (a write cut short)", file=sys.stderr)
+            write_atomically(self.path, lambda f: f.writelines(line.rstrip(b"\n") + b"\n" for line in kept))
         self.bar = progress(args.steps, resume_step, env.main, desc)
 
     def add(self, terms):
@@ -627,9 +789,23 @@ class Meter:
         return record
 
     def write(self, **record):
-        if self.env.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """Append one line (rank 0). A write that fails (a full disk) is undone, so that the log never holds a torn
+        line, and stops the run with a UserError; the rerun resumes from the last checkpoint."""
+        if not self.env.main:
+            return
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            end, done = os.lseek(fd, 0, os.SEEK_END), 0
+            while done < len(line):                # a short write (the disk filled up): the next one says why
+                done += os.write(fd, line[done:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise UserError(f"could not write '{self.path}' ({e.strerror}); free disk space and rerun the same "
+                            f"command: it resumes from its last checkpoint") from None
+        finally:
+            os.close(fd)
 
     def close(self):
         self.bar.close()

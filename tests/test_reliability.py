@@ -8,6 +8,7 @@ uninterrupted run's checkpoint of the same step (bitwise, CPU), a resumed run en
 a refused command leaves the output directory byte-for-byte as it was, a user error is one line and exit code 2.
 CPU, EPG-T/RCM-T at 16 px, global batch 4, a few steps; runs in-process where it can (start-up dominates).
 """
+import contextlib
 import hashlib
 import math
 import io
@@ -25,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import shapes
 import fid
 import models
@@ -397,6 +399,8 @@ BAD_INPUTS = _trainer_cases() + [pytest.param(script, extra, expected, id=f"{scr
                                  expected in [
     ("sample", "zero-batch", ["--batch-size", 0], "--batch-size"),
     ("sample", "heun-one-step", ["--steps", 1], "--steps >= 2"),
+    ("sample", "zero-steps", ["--steps", 0], "--steps must be positive"),
+    ("sample", "checkpoint-is-a-directory", ["--ckpt", "{data_empty}"], "is a directory; pass a checkpoint file"),
     ("sample", "label-out-of-range", ["--labels", "12"], "out of range"),
     ("sample", "unknown-sampler", ["--sampler", "ddim"], "invalid choice"),
     ("sample", "checkpoint-of-another-size", ["--ckpt", "{dm_wrong_size}"], "do not match"),
@@ -448,10 +452,13 @@ def metrics_steps(out):
     return [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
 
 
-@pytest.mark.parametrize("name", list(TRAINERS))
-def test_sigterm_saves_the_current_step_and_the_rerun_continues_bitwise(name, files, tmp_path, monkeypatch, capsys):
-    """A real SIGTERM (what SLURM and Kubernetes send) mid-run: exit 143 with a message, ckpt_last.pt at the step
-    reached, and the rerun ends bitwise where the uninterrupted run ends, with no step logged twice."""
+@pytest.mark.parametrize("name,signum", [("pretrain", signal.SIGTERM), ("diffusion", signal.SIGTERM),
+                                         ("consistency", signal.SIGINT)])
+def test_sigterm_saves_the_current_step_and_the_rerun_continues_bitwise(name, signum, files, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A real SIGTERM (what SLURM and Kubernetes send) or SIGINT (Ctrl-C) mid-run: exit 143 or 130 with a message
+    naming the checkpoint and its step, ckpt_last.pt at the step reached, and the rerun ends bitwise where the
+    uninterrupted run ends, with no step logged twice."""
     script, steps = TRAINERS[name], 30
     args = base_args(script, files) + ["--steps", steps, "--ckpt-every", 1000]
     code, _, err = cli(monkeypatch, capsys, script, args + ["--out", tmp_path / "straight"])
@@ -463,11 +470,12 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues_bitwise(name, fi
     while time.time() < deadline and proc.poll() is None and not (
             (out / "metrics.jsonl").exists() and len(metrics_steps(out)) >= 2):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, f"the run was not stopped mid-way (exit {proc.returncode}): {stderr[-2000:]}"
-    assert "SIGTERM" in stderr and "rerun to resume" in stderr
+    assert proc.returncode == 128 + signum, f"not stopped mid-way (exit {proc.returncode}): {stderr[-2000:]}"
     stopped_at = load(out / "ckpt_last.pt")["step"]
+    assert f"{signal.Signals(signum).name}: stopped after step {stopped_at}; {out}/ckpt_last.pt holds step " \
+           f"{stopped_at}; rerun to resume" in stderr
     assert 2 <= stopped_at < steps                                # saved at the step reached, not at a cadence
     code, stdout, err = cli(monkeypatch, capsys, script, args + ["--out", out])
     assert code == 0 and f"at step {stopped_at}" in stdout, err[-2000:]
@@ -595,3 +603,350 @@ def test_random_labels_follow_the_training_sets_class_counts():
     assert np.allclose(share, [0.1, 0.3, 0.6], atol=5 * math.sqrt(0.25 / 30_000))
     uniform = np.bincount(sample.class_labels("random", 30_000, 3, seed=2).numpy(), minlength=3) / 30_000
     assert np.allclose(uniform, 1 / 3, atol=5 * math.sqrt(0.25 / 30_000))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Round 3: what a cluster run meets (requeue on another node, full disks, signals, torn files, torchrun)
+# ----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def small_disk(folder, size):
+    """A real small filesystem (tmpfs of `size`) mounted at `folder`; the test is skipped where none can be mounted."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)])
+
+
+def fill(folder):
+    """Write a filler file until the filesystem of `folder` is full."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+
+
+HOLDER = ("import sys, time; sys.path.insert(0, {root!r}); import trainlib; trainlib.prepare_output({out!r}); "
+          "print('locked', flush=True); time.sleep(60)")
+
+
+def test_a_lock_of_another_node_holds_while_its_lease_is_renewed_and_is_taken_over_once_stale(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """A run on host 'other' (a second UTS namespace) holds OUT: this host is refused for as long as it lives, even
+    past the lease, which it renews; SIGKILLed, its lock is taken over once the lease is stale (a requeue on another
+    node). An empty or garbage lock is taken over with a note, never a traceback nor refused forever."""
+    if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode:
+        pytest.skip("a second host name needs unshare --uts (root)")
+    monkeypatch.setenv("EPG_LOCK_STALE_S", "1")                   # renewed every 0.2 s
+    out, lock = tmp_path / "out", tmp_path / "out" / ".lock"
+    holder = subprocess.Popen(["unshare", "--uts", "sh", "-c", 'hostname other && exec "$@"', "sh", sys.executable,
+                               "-c", HOLDER.format(root=ROOT, out=str(out))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert open(lock).read().split()[0] == "other"
+        time.sleep(1.5)                                           # past the lease: only its renewal keeps it fresh
+        with pytest.raises(trainlib.UserError, match="in use by another run .host other"):
+            trainlib.prepare_output(str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    os.utime(lock, (time.time() - 2, time.time() - 2))            # the lease of the killed run runs out
+    trainlib.prepare_output(str(out))
+    assert "taking over the lock of host other" in capsys.readouterr().err
+    assert open(lock).read().split()[1] == str(os.getpid())
+    trainlib.release_locks()
+    for garbage in (b"", b"\xff\x00 not a lock"):
+        lock.write_bytes(garbage)
+        trainlib.prepare_output(str(out))
+        assert "taking over the unreadable lock" in capsys.readouterr().err
+        trainlib.release_locks()
+
+
+def test_a_full_disk_while_logging_stops_in_one_line_and_a_torn_log_never_blocks_the_resume(files, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """A real full disk (tmpfs) under metrics.jsonl: one line, exit 2, no torn line, the checkpoint kept; a torn last
+    line (what a write cut short leaves) is dropped with a note on resume, which ends where it should."""
+    script = train_consistency
+    with small_disk(tmp_path / "disk", "96m") as disk:
+        args = base_args(script, files) + ["--ckpt-every", 1000, "--out", disk / "run"]
+        code, _, err = cli(monkeypatch, capsys, script, args)    # 2 steps: ckpt_last.pt at step 2
+        assert code == 0, err[-2000:]
+        meter_init = trainlib.Meter.__init__
+
+        def fill_the_disk_first(self, *a, **k):                  # the disk fills up just before the loop
+            meter_init(self, *a, **k)
+            fill(disk)
+        monkeypatch.setattr(trainlib.Meter, "__init__", fill_the_disk_first)
+        code, _, err = cli(monkeypatch, capsys, script, args + ["--steps", 40])
+        monkeypatch.setattr(trainlib.Meter, "__init__", meter_init)
+        assert_user_error(code, err, "metrics.jsonl' (No space left on device)")
+        import json
+        logged = [json.loads(line)["step"] for line in open(disk / "run" / "metrics.jsonl")]   # no torn line
+        assert logged == list(range(1, len(logged) + 1)) and 2 < len(logged) < 40
+        assert load(disk / "run" / "ckpt_last.pt")["step"] == 2
+        os.remove(disk / "filler")
+        with open(disk / "run" / "metrics.jsonl", "a") as f:
+            f.write('{"step": 41, "loss": 0.')                    # a line cut short
+        code, stdout, err = cli(monkeypatch, capsys, script, args + ["--steps", 4])
+        assert code == 0 and "at step 2\n" in stdout and "dropped 1 unreadable line" in err, err[-2000:]
+        assert metrics_steps(disk / "run") == [1, 2, 3, 4]
+
+
+def test_sigterm_stops_sampling_after_the_current_chunk_and_broken_chunks_are_drawn_again(files, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """A real SIGTERM to this process in the middle of the 4th chunk: exit 143 after that chunk. Chunks that a crash
+    without fsync leaves (cut short, empty, of another shape) are drawn again, and the result is bitwise that of an
+    uninterrupted run."""
+    args = ["--ckpt", files["dm"], "--num-samples", 12, "--batch-size", 2, "--steps", 2, "--device", "cpu",
+            "--no-progress", "--labels", "balanced"]
+    code, _, err = cli(monkeypatch, capsys, sample, args + ["--out", tmp_path / "straight"])
+    assert code == 0, err[-2000:]
+    generate, calls = sample.generate, []
+
+    def signalled(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(*a, **k)
+    monkeypatch.setattr(sample, "generate", signalled)
+    out, chunks = tmp_path / "run", tmp_path / "run" / "chunks"
+    code, _, err = cli(monkeypatch, capsys, sample, args + ["--out", out])
+    assert code == 143 and f"SIGTERM: stopped with 4 of 6 chunks in {chunks}; rerun" in err, err[-2000:]
+    assert sorted(f for f in os.listdir(chunks) if f.endswith(".npy")) == [f"{c:06d}.npy" for c in range(4)]
+    blob = (chunks / "000000.npy").read_bytes()
+    (chunks / "000000.npy").write_bytes(blob[:len(blob) // 2])
+    (chunks / "000001.npy").write_bytes(b"")
+    np.save(chunks / "000002.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    monkeypatch.setattr(sample, "generate", generate)
+    code, stdout, err = cli(monkeypatch, capsys, sample, args + ["--out", out])
+    assert code == 0 and "5 of 6 chunks drawn by this run" in stdout and err.count("drawing it again") == 3, err
+    a, b = np.load(tmp_path / "straight" / "samples.npz"), np.load(out / "samples.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_sigterm_in_the_end_of_run_sampling_stops_at_once_and_the_rerun_completes_it(files, tmp_path, monkeypatch,
+                                                                                     capsys, classifier_cache):
+    """train_diffusion.py after its last step: a real SIGTERM during the final grid (after the evaluation's samples)
+    stops at once with exit 143 and a true message; the rerun writes the evaluation record once and the grid."""
+    monkeypatch.setenv("EPG_CACHE", str(classifier_cache))       # the 32 px reference classifier, trained once
+    out = tmp_path / "run"
+    args = base_args(train_diffusion, files) + ["--image-size", 32, "--init", files["rcm32"], "--eval-samples", 10,
+                                                "--out", out]
+    sample_grid, calls = train_diffusion.sample_grid, []
+
+    def signalled(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return sample_grid(*a, **k)
+    monkeypatch.setattr(train_diffusion, "sample_grid", signalled)
+    code, _, err = cli(monkeypatch, capsys, train_diffusion, args)
+    assert code == 143 and "SIGTERM: stopped in the end-of-run sampling" in err, err[-2000:]
+    assert load(out / "ckpt_last.pt")["step"] == 2 and not (out / "samples_0000002.png").exists()
+    monkeypatch.setattr(train_diffusion, "sample_grid", sample_grid)
+    code, stdout, err = cli(monkeypatch, capsys, train_diffusion, args)
+    assert code == 0 and "nothing to do" in stdout and "final sample grid" in stdout, err[-2000:]
+    import json
+    assert sum("eval_class_acc" in json.loads(line) for line in open(out / "metrics.jsonl")) == 1
+
+
+def test_a_corrupt_last_checkpoint_is_caught_by_its_checksum_and_the_newest_intact_one_resumes(files, tmp_path,
+                                                                                                monkeypatch, capsys):
+    """One flipped byte in ckpt_last.pt (torch.load alone reads it without a word): the sha256 written beside it at
+    save time refuses it, the resume falls back to the newest intact ckpt_<step>.pt with a note and ends bitwise
+    where the uninterrupted run ends; with none left, one line that does not point at the conversion tool."""
+    script = train_consistency
+    args = base_args(script, files) + ["--steps", 4, "--ckpt-every", 1, "--keep-every", 2]
+    code, _, err = cli(monkeypatch, capsys, script, args + ["--out", tmp_path / "straight"])
+    assert code == 0, err[-2000:]
+    out = tmp_path / "run"                                        # a run whose last save went wrong after step 2
+    shutil.copytree(tmp_path / "straight", out)
+    os.remove(out / "ckpt_0000004.pt")
+
+    def flip_a_byte():
+        blob = bytearray((out / "ckpt_last.pt").read_bytes())
+        blob[len(blob) // 2] ^= 0x10
+        (out / "ckpt_last.pt").write_bytes(blob)
+    flip_a_byte()
+    assert load(out / "ckpt_last.pt")["step"] == 4                # torch.load does not notice
+    with pytest.raises(trainlib.UserError, match="does not match the sha256"):
+        trainlib.load_checkpoint(str(out / "ckpt_last.pt"))
+    code, stdout, err = cli(monkeypatch, capsys, script, args + ["--out", out])
+    assert code == 0 and f"resuming from {out}/ckpt_0000002.pt (step 2) instead" in err, err[-2000:]
+    assert f"resumed from {out}/ckpt_0000002.pt at step 2" in stdout
+    assert_same_state(load(out / "ckpt_last.pt"), load(tmp_path / "straight" / "ckpt_last.pt"), WEIGHTS[script])
+    flip_a_byte()
+    for kept in ("ckpt_0000002.pt", "ckpt_0000004.pt"):
+        os.remove(out / kept)
+    code, _, err = cli(monkeypatch, capsys, script, args + ["--steps", 5, "--out", out])
+    assert_user_error(code, err, "holds no intact ckpt_<step>.pt")
+    assert "official.py" not in err
+
+
+def test_class_folders_without_images_and_symlink_loops_are_one_line(tmp_path):
+    """An empty class folder or a symlink to the root would be a class with 0 images (and 'balanced' sampling would
+    give it its share); a symlink loop among the images was a traceback."""
+    root = tmp_path / "d"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(root / name / "0.png")
+    (root / "empty").mkdir()
+    (root / "loop").symlink_to(root)
+    with pytest.raises(data.DataError, match="class folders without images in .*: empty, loop;"):
+        data.ImageFolder(root, SIZE)
+    (root / "empty").rmdir()
+    (root / "loop").unlink()
+    (root / "a" / "x.png").symlink_to("y.png")
+    (root / "a" / "y.png").symlink_to("x.png")
+    with pytest.raises(data.DataError, match=r"cannot read .*[xy]\.png \(Too many levels of symbolic links\)"):
+        data.ImageFolder(root, SIZE)
+
+
+def test_score_checks_its_destination_before_scoring(files, tmp_path, monkeypatch, capsys):
+    """shapes.py score --out into a missing folder or onto a full disk (tmpfs): one line, exit 2, before any work
+    (the reference classifier, trained into --cache-dir otherwise, is never built)."""
+    args = ["score", files["npz_good"], "--cache-dir", tmp_path / "cache"]
+    code, _, err = cli(monkeypatch, capsys, shapes, args + ["--out", tmp_path / "missing" / "m.json"])
+    assert_user_error(code, err, "does not exist")
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        fill(disk)
+        code, _, err = cli(monkeypatch, capsys, shapes, args + ["--out", disk / "m.json"])
+        assert_user_error(code, err, "MB free")
+        assert os.listdir(disk) == ["filler"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_class_free_checkpoint_samples_its_null_row(tmp_path, monkeypatch, capsys):
+    """An official class-free EPG (as the released one-step EPG-L/16, here at model T) converted with
+    tools/official.py: the default labels sample it unconditionally (its null row), explicit labels are refused."""
+    from test_official import official, official_epg
+    cfg = models.model_config("T")
+    class_free = official_epg(cfg["depth"], cfg["enc_dim"], cfg["dec_dim"], 4, 32, num_classes=None,
+                              generator=torch.Generator().manual_seed(0))
+    torch.save(class_free, tmp_path / "nnet_ema.pth")
+    monkeypatch.setitem(official.RELEASED_GENERATORS, ("T", 32), ("consistency", None))
+    official.main(["convert", str(tmp_path), str(tmp_path / "epg.pt")])
+    assert load(tmp_path / "epg.pt")["config"]["num_classes"] == 0
+    args = ["--ckpt", tmp_path / "epg.pt", "--num-samples", 4, "--batch-size", 2, "--device", "cpu", "--no-progress"]
+    for labels in ([], ["--labels", "balanced"]):
+        code, stdout, err = cli(monkeypatch, capsys, sample, args + labels + ["--out", tmp_path / "s"])
+        assert code == 0 and "consistency, 1 steps" in stdout, err[-2000:]
+        result = np.load(tmp_path / "s" / "samples.npz")
+        assert result["arr_0"].shape == (4, 32, 32, 3) and not result["arr_1"].any()
+    code, _, err = cli(monkeypatch, capsys, sample, args + ["--labels", "3", "--out", tmp_path / "t"])
+    assert_user_error(code, err, "class-free")
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first SIGINT asks for a save at the end of the step; a second one does not wait for it."""
+    trainlib.init_distributed("cpu")
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert trainlib.preempted(trainlib.Env(0, 1, 0, torch.device("cpu"))) == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+SLOW_SAVE = """
+import runpy, sys, time, torch
+import trainlib
+real_save = torch.save
+def slow_save(obj, f, *args, **kwargs):        # the save that a stop request triggers takes a minute
+    if trainlib._STOP["signal"]:
+        f.write(b"partial")
+        f.flush()
+        time.sleep(60)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = slow_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_torchrun_killed_in_a_slow_save_claims_nothing_and_the_same_command_finishes_the_run(files, tmp_path,
+                                                                                             monkeypatch, capsys,
+                                                                                             run_torchrun):
+    """2 processes under torchrun, SIGTERM to torchrun while its checkpoint write takes longer than torchrun's
+    shutdown timeout: torchrun SIGKILLs rank 0 in the middle of the save. No rank may claim a checkpoint it did not
+    write; the previous ckpt_last.pt is intact, and rerunning the same command (the restart path; --max-restarts is
+    not used) ends where an uninterrupted run ends (1 process, to float tolerance: gloo sums in another order)."""
+    from conftest import free_port
+    args = base_args(train_consistency, files) + ["--steps", 8, "--ckpt-every", 2]
+    code, _, err = cli(monkeypatch, capsys, train_consistency, args + ["--out", tmp_path / "one"])
+    assert code == 0, err[-2000:]
+    (tmp_path / "slow_save.py").write_text(SLOW_SAVE)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", tmp_path / "slow_save.py",
+                             "train_consistency.py", *map(str, args), "--out", out], cwd=ROOT,
+                            env={**ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "ckpt_last.pt").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert "forcefully exiting via 9" in stderr, stderr[-3000:]   # torchrun did SIGKILL a rank mid-save
+    assert "rerun to resume" not in stderr and "holds step" not in stderr, stderr[-3000:]
+    survivor = load(out / "ckpt_last.pt")
+    assert 2 <= survivor["step"] < 8
+    result = run_torchrun(2, "train_consistency.py", *args, "--out", out)
+    assert result.returncode == 0 and f"at step {survivor['step']}\n" in result.stdout, result.stderr[-2000:]
+    a, b = load(tmp_path / "one" / "ckpt_last.pt"), load(out / "ckpt_last.pt")
+    assert a["step"] == b["step"] == 8
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-4, atol=5e-5, msg=lambda m: f"{part}.{k}: {m}")
+
+
+STOP_WITH_A_SLOW_SAVE = """
+import os, signal, sys, time, types
+sys.path.insert(0, {root!r})
+import trainlib
+env = trainlib.init_distributed("cpu")
+os.kill(os.getpid(), signal.SIGTERM)
+
+def state():                                   # rank 0's checkpoint write takes 2 s
+    time.sleep(2)
+    return {{"stage": "pretrain", "config": {{}}, "step": 3}}
+try:
+    trainlib.checkpoint(env, types.SimpleNamespace(out=sys.argv[1], ckpt_every=100, steps=10, keep_every=0), 3, state)
+except trainlib.Preempted:
+    print(time.time())
+"""
+
+
+def test_on_a_stop_no_rank_leaves_before_rank_0_has_saved(tmp_path):
+    """torchrun stops the other ranks with a fixed 30 s grace once one rank has exited: the ranks that save nothing
+    wait for rank 0's save (2 processes, gloo, a real SIGTERM each)."""
+    from conftest import free_port
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", STOP_WITH_A_SLOW_SAVE.format(root=ROOT), tmp_path],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    left = [float(p.communicate(timeout=120)[0]) for p in procs]
+    assert load(tmp_path / "ckpt_last.pt")["step"] == 3
+    assert left[1] >= left[0] - 0.5                              # rank 1 left when rank 0 had saved, not 2 s before
+
+
+@pytest.mark.parametrize("rank,local_rank,error,code,said", [
+    ("1", "1", trainlib.UserError("bad flag"), 2, False),       # a second process of a node: quiet
+    ("2", "0", trainlib.UserError("bad flag"), 2, True),        # the first process of another node: one line there
+    ("2", "0", trainlib.Preempted(signal.SIGTERM, "holds"), 143, False)])   # only rank 0 saved the checkpoint
+def test_under_torchrun_an_error_is_said_once_per_node_and_a_preemption_by_rank_0(rank, local_rank, error, code,
+                                                                                  said, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    def main():
+        raise error
+    with pytest.raises(SystemExit) as exit_info:
+        trainlib.cli_main(main)
+    assert exit_info.value.code == code and bool(capsys.readouterr().err) == said

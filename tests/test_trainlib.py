@@ -18,7 +18,31 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
                                     "model": model.state_dict(), "optimizer": opt.state_dict()})
     state = trainlib.load_checkpoint(path, stage="diffusion")          # weights_only=True inside
     assert state["step"] == 3 and torch.equal(state["model"]["weight"], model.weight)
-    assert os.listdir(tmp_path) == ["ckpt.pt"]                          # no temporary file left behind
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.sha256"]  # no temporary file left behind
+
+
+def test_a_kill_between_the_checkpoint_rename_and_its_checksum_record_loses_nothing(tmp_path, monkeypatch):
+    """ckpt.pt.sha256 names the old and the new file while the new one is renamed into place, so that a kill
+    between the rename and the final record leaves a checkpoint that loads (and still one that is checked)."""
+    path = str(tmp_path / "ckpt.pt")
+    trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 1, "w": torch.zeros(3)})
+    record = trainlib._record_digests
+
+    def killed_after_the_rename(p, digests):
+        if len(digests) == 1:                                          # the final record: the process dies here
+            raise SystemExit("killed")
+        record(p, digests)
+    monkeypatch.setattr(trainlib, "_record_digests", killed_after_the_rename)
+    with pytest.raises(SystemExit):
+        trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 2, "w": torch.ones(3)})
+    assert trainlib.load_checkpoint(path)["step"] == 2
+    with open(path, "r+b") as f:                                       # the record still catches a flipped byte
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(trainlib.UserError, match="does not match the sha256"):
+        trainlib.load_checkpoint(path)
 
 
 FULL_DISK = """
