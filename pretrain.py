@@ -105,17 +105,10 @@ def main(argv=None):
     # MoCo v3 keeps the momentum branch in train mode (batch statistics in its projector BN). The official code puts
     # it in eval mode, where its never-updated running statistics stay 0/1: a bug we do not copy.
     momentum.train()
-    if resume is not None:
-        rcm.load_state_dict(resume["model"])
-        momentum.load_state_dict(resume["momentum"])
     rcm.to(device)
     momentum.to(device)
     optimizer = trainlib.adamw(rcm, lr, args.betas, args.weight_decay, device=device)        # all decayed
-    start = 0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        start = resume["step"]
-        log(f"resumed from {resume['path']} at step {start}")
+    start = trainlib.restore(resume, log, model=rcm, momentum=momentum, optimizer=optimizer)
     del resume
     net = trainlib.ddp(trainlib.compiled(models.RCMViews(rcm, with_rest=True), args, device), env)
     momentum_fn = trainlib.compiled(models.RCMViews(momentum), args, device)

@@ -143,17 +143,11 @@ def main(argv=None):
               "class_counts": data.class_counts(dataset)}
     if resume is not None:
         trainlib.check_resume(resume["config"], config, steps_fixed=args.lr_schedule == "cosine")
-        model.load_state_dict(resume["model"])
     model.to(device)
     W = W.to(device) if W is not None else None
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = trainlib.adamw(model, args.lr, args.betas, args.weight_decay, ("pos_embed", "cls_token"), device)
-    start = 0
-    if resume is not None:
-        ema.load_state_dict(resume["ema"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start = resume["step"]
-        log(f"resumed from {resume['path']} at step {start}")
+    start = trainlib.restore(resume, log, model=model, ema=ema, optimizer=optimizer)
     del resume, rcm
     target = trainlib.compiled(model, args, device)      # the stop-gradient pass: same kernels, same dropout masks
     net = trainlib.ddp(target, env)

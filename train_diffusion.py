@@ -143,20 +143,13 @@ def main(argv=None):
     if rcm is not None:
         trainlib.checked(models.load_encoder_from_rcm, model, rcm["model"],
                          context=f"--init {args.init} does not fit EPG-{args.model} at {args.image_size}px: ")
-    if resume is not None:
-        model.load_state_dict(resume["model"])
     model.encoder.requires_grad_(not args.freeze_encoder)
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     depth = models.model_config(args.model)["depth"]
     optimizer = trainlib.adamw(model, args.lr, args.betas, args.weight_decay, ("pos_embed", "cls_token"), device,
                                lr_scale=lambda name: layer_decay(name, depth, args.lrd))
-    start = 0
-    if resume is not None:
-        ema.load_state_dict(resume["ema"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start = resume["step"]
-        log(f"resumed from {resume['path']} at step {start}")
+    start = trainlib.restore(resume, log, model=model, ema=ema, optimizer=optimizer)
     del resume, rcm
     net = trainlib.ddp(trainlib.compiled(model, args, device), env)
     ema_net = trainlib.compiled(ema, args, device)                                # the sample grids, compiled too

@@ -1,12 +1,8 @@
-"""What the three training scripts share, so that each script holds its stage's algorithm and little else: flags
-generated from CONFIG, torch.distributed from the torchrun environment, random streams per step, the optimiser step
-with its non-finite policy, the metrics log, atomic checkpoints, an output-directory lock and pre-emption.
-
-Plain functions and two small classes, no project imports. Determinism and resume: every random draw of a step comes
-from streams seeded by (seed, step, rank), and the data of step k is a function of (seed, k) (data.BatchStream);
-model, EMA/momentum, optimiser state and step are in the checkpoint, so a resumed run continues exactly as the
-uninterrupted one would have.
-"""
+"""What the three training scripts share (flags from CONFIG, torch.distributed, per-step random streams, the optimiser
+step, the metrics log, atomic checkpoints, the output lock, pre-emption), so that each holds its stage's algorithm
+and little else; no project imports. A resumed run continues exactly as the uninterrupted one: every random draw of
+a step is seeded by (seed, step, rank), the data of step k is a function of (seed, k), and the checkpoint holds model,
+EMA/momentum, optimiser state and step."""
 import argparse
 import atexit
 import contextlib
@@ -43,8 +39,7 @@ class CorruptCheckpoint(UserError):
 
 
 class Preempted(Exception):
-    """SIGTERM (or Ctrl-C, SIGINT) arrived; the run saved what a rerun needs and stops with exit code 128 + the
-    signal number (143, 130)."""
+    """SIGTERM or SIGINT arrived; the run saved what a rerun needs and exits with 128 + the signal number."""
 
     def __init__(self, signum, message):
         super().__init__(f"{signal.Signals(signum).name}: {message}")
@@ -52,9 +47,8 @@ class Preempted(Exception):
 
 
 def cli_main(main, *user_errors):
-    """Run `main()`; UserError (and the given exception classes) become one line on stderr and exit code 2. Under
-    torchrun only local rank 0 prints an error (one line per node, where every rank meets the same error) and only
-    rank 0, which wrote the checkpoint, the pre-emption message; the other ranks exit quietly with the same code."""
+    """Run `main()`; UserError (and `user_errors`) become one line on stderr and exit code 2, printed by local rank 0
+    only (every rank meets it); the pre-emption message comes from rank 0, which wrote the checkpoint."""
     rank, local_rank = (os.environ.get(key, "0") for key in ("RANK", "LOCAL_RANK"))
     try:
         main()
@@ -80,9 +74,7 @@ def cli_main(main, *user_errors):
             dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: every CONFIG key is a flag, its CONFIG comment the help; PRESETS[--model] the one override
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Command line: every CONFIG key is a flag, its CONFIG comment the help; PRESETS[--model] the one override ----
 RUN = dict(                    # flags of every training script that do not change what is learnt
     data=None,                 # ImageFolder/ImageNet-layout directory (one subfolder per class); none: the embedded data set
     seed=0,                    # seed of every random stream (data order, noise, init)
@@ -104,8 +96,8 @@ FRACTION = ("ema", "momentum", "label_dropout", "dropout")        # in [0, 1)
 
 
 def config_comments(path, name="CONFIG"):
-    """{key: comment} of the `NAME = dict(...)` block of a source file: a key's help is the comment of its line
-    (keys on one line share it), continued by comment-only lines below it."""
+    """{key: comment} of the `NAME = dict(...)` block of a source file (keys on one line share the comment; comment-only
+    lines below continue it)."""
     comments, keys, inside = {}, [], False
     with open(path) as f:
         for line in f:
@@ -115,8 +107,7 @@ def config_comments(path, name="CONFIG"):
                 continue
             if code.strip() == ")":
                 break
-            found = re.findall(r"(\w+)=(?!=)", code)
-            keys = found or keys
+            keys = re.findall(r"(\w+)=(?!=)", code) or keys
             for key in keys if comment.strip() else ():
                 comments[key] = f"{comments.get(key, '')} {comment.strip()}".strip()
     return comments
@@ -125,21 +116,19 @@ def config_comments(path, name="CONFIG"):
 def _add_flags(p, config, comments, types=None, choices=None):
     for key, default in config.items():
         kind = (types or {}).get(key) or (float if isinstance(default, list) else type(default))   # lists of numbers
-        flag, extra = "--" + key.replace("_", "-"), {}
         if kind is bool:
             extra = dict(action=argparse.BooleanOptionalAction)
         elif kind is dict:
             extra = dict(type=json.loads, metavar="JSON")
         else:
             extra = dict(type=str if kind is type(None) else kind, nargs="*" if isinstance(default, list) else None)
-        p.add_argument(flag, default=default, help=comments.get(key, " ").replace("%", "%%"),
+        p.add_argument("--" + key.replace("_", "-"), default=default, help=comments.get(key, " ").replace("%", "%%"),
                        choices=(choices or {}).get(key), **extra)
 
 
 def parse(path, config, presets, argv=None, choices=None, types=None):
-    """argparse over RUN and the script's CONFIG (help: the CONFIG comments of `path`), with presets[--model] (e.g.
-    the CPU overrides of T) applied as defaults: an explicit flag wins, an edit of CONFIG takes effect, and
-    `--model T --help` shows the values a tiny run will use. Ranges are checked here, with one-line errors."""
+    """argparse over the script's CONFIG and RUN, with presets[--model] as defaults (an explicit flag wins, and
+    `--model T --help` shows the values a tiny run will use); ranges are checked here."""
     doc = sys.modules.get("__main__").__doc__ if os.path.abspath(sys.argv[0]) == os.path.abspath(path) else None
     p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -168,9 +157,7 @@ def checked(fn, *args, context=""):
         raise UserError(f"{context}{e}") from None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed, precision, compilation
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Distributed, precision, compilation ----
 class Env:
     """rank, world, local_rank, device of this process; `main` is rank 0."""
 
@@ -184,8 +171,7 @@ class Env:
 
 
 def init_distributed(device_arg=None):
-    """Process group from the torchrun environment (NCCL on CUDA, gloo on CPU); plain `python` runs without one.
-    The device comes from LOCAL_RANK, so multi-node runs place each process correctly."""
+    """Process group from the torchrun environment (NCCL on CUDA, gloo on CPU), device from LOCAL_RANK."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -206,14 +192,13 @@ def init_distributed(device_arg=None):
 
 
 def num_workers(args, env):
-    """--num-workers, or 0 on CPU and the machine's cores per local GPU (at most 16) on CUDA."""
     if args.num_workers is not None or env.device.type != "cuda":
         return args.num_workers or 0
     return max(1, min(16, (os.cpu_count() or 1) // max(torch.cuda.device_count(), 1) - 1))
 
 
 def split_batch(global_batch, world, micro_batch=None):
-    """(per-process batch, micro-batch, accumulation steps) of a global batch; clear error when impossible."""
+    """(per-process batch, micro-batch, accumulation steps) of a global batch."""
     if global_batch % world:
         raise UserError(f"global batch {global_batch} is not divisible by the world size {world}; "
                         f"use a multiple of {world}")
@@ -226,24 +211,20 @@ def split_batch(global_batch, world, micro_batch=None):
 
 
 def micro_batches(net, local_batch, micro):
-    """(slice, context) of each micro-batch of a step: under DDP the gradients are all-reduced only in the last
-    backward (the others run under no_sync)."""
-    count = local_batch // micro
-    for m in range(count):
-        last = m == count - 1
-        yield slice(m * micro, (m + 1) * micro), (net.no_sync() if isinstance(net, DDP) and not last
-                                                  else contextlib.nullcontext())
+    """(slice, context) of each micro-batch: under DDP only the last backward all-reduces (the others: no_sync)."""
+    for start in range(0, local_batch, micro):
+        last = start + micro == local_batch
+        yield slice(start, start + micro), (net.no_sync() if isinstance(net, DDP) and not last
+                                            else contextlib.nullcontext())
 
 
 def ddp(module, env):
-    """`module` wrapped in DistributedDataParallel when there are several processes."""
     if not env.distributed:
         return module
     return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
 
 def all_reduce_mean(t):
-    """Average a tensor over processes (in place); no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -251,17 +232,14 @@ def all_reduce_mean(t):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA, fp32 (no autocast) on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def compiled(fn, args, device):
-    """torch.compile(fn) when --compile (default: on CUDA); fn itself otherwise."""
     return torch.compile(fn) if (args.compile if args.compile is not None else device.type == "cuda") else fn
 
 
 def to_device(batch, device):
-    """The tensors of a batch dict on `device` (asynchronous copies from pinned memory on CUDA)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
 
 
@@ -298,30 +276,25 @@ def sync_batchnorm(module, env):
     return module
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Random streams: one seed hasher for the whole repository
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Random streams: one seed hasher for the whole repository ----
 def mix_seed(*values):
-    """Hash non-negative integers into one well-mixed 63-bit seed (NumPy's SeedSequence)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def seed_step(seed, step, rank):
-    """Seed the global RNGs (CPU and CUDA) from (seed, step, rank): dropout and any other draw of this step become a
-    function of the step, so resume needs no saved RNG state."""
+    """Global RNGs (CPU, CUDA) from (seed, step, rank): dropout becomes a function of the step, no RNG state saved."""
     torch.manual_seed(mix_seed(seed, step, rank, 1))
 
 
 def step_generator(seed, step, device, stream=0):
-    """A generator shared by all ranks for draws over the whole GLOBAL batch (each rank slices its part), so the run
-    does not depend on the number of processes. `stream` separates independent uses within a step."""
+    """A generator shared by all ranks for draws over the GLOBAL batch (each rank slices its part), so that the run
+    does not depend on the number of processes; `stream` separates the uses within a step."""
     return torch.Generator(device=device).manual_seed(mix_seed(seed, step, stream, 2))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Output directory, checkpoints, pre-emption
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Output directory, checkpoints, pre-emption ----
 LOCK_STALE_S = 300     # a lock whose lease (its mtime, renewed by the live run every fifth of this) is older is stale
+_LOCKS = []            # (lock file, "host pid") of the locks this process holds
 
 
 def _lock_stale_s():
@@ -329,10 +302,8 @@ def _lock_stale_s():
 
 
 def prepare_output(out, main=True):
-    """Create OUT, check that it is writable and take its lock (OUT/.lock, naming host and pid), a lease that this
-    process renews (the lock's mtime) every LOCK_STALE_S / 5 seconds while it lives. A second run on the same OUT is
-    refused; the lock of a dead process on this host, a stale lease (a run SIGKILLed on another node) and an
-    unreadable lock are taken over, with a note. Rank 0 only."""
+    """Create OUT, check that it is writable and take its lock OUT/.lock ("host pid"), a lease renewed (its mtime)
+    while this process lives. Another live run's lock is refused (_take_over). Rank 0 only."""
     if not main:
         return
     probe = os.path.join(out, f".write-test-{os.getpid()}")
@@ -359,7 +330,8 @@ def prepare_output(out, main=True):
 
 
 def _take_over(lock, out):
-    """Return when the existing lock may be taken over (saying why), raise UserError while a live run holds it."""
+    """Return when the lock may be taken over (a dead pid on this host, a stale lease of a run SIGKILLed on another
+    node, an unreadable file), with a note; UserError while a live run holds it."""
     try:
         with open(lock) as f:
             host, _, pid = f.read().strip().partition(" ")
@@ -380,26 +352,28 @@ def _take_over(lock, out):
                         f"over once its lease is {_lock_stale_s():.0f} s old)")
 
 
-_LOCKS = []
+def _holds(lock, me):
+    with contextlib.suppress(OSError), open(lock) as f:
+        return f.read().strip() == me
+    return False
 
 
 def _renew_leases():
     while True:
         time.sleep(min(60.0, _lock_stale_s() / 5))
         for lock, me in list(_LOCKS):
-            with contextlib.suppress(OSError), open(lock) as f:
-                if f.read().strip() == me:
+            if _holds(lock, me):
+                with contextlib.suppress(OSError):
                     os.utime(lock)
 
 
+@atexit.register
 def release_locks():
-    """Remove the output locks this process holds (at the end of cli_main, and at exit)."""
     while _LOCKS:
         lock, me = _LOCKS.pop()
-        with contextlib.suppress(OSError):
-            with open(lock) as f:
-                if f.read().strip() == me:
-                    os.remove(lock)
+        if _holds(lock, me):
+            with contextlib.suppress(OSError):
+                os.remove(lock)
 
 
 def _alive(pid):
@@ -412,18 +386,18 @@ def _alive(pid):
     return pid > 0
 
 
-atexit.register(release_locks)
+def _write_synced(path, write, mode="wb"):
+    with open(path, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_atomically(path, write, mode="wb"):
-    """write(f) into a temporary file beside `path`, fsync, rename: `path` ends up complete or untouched, whatever
-    kill or full disk happens. A failed write is a UserError (one line, exit code 2)."""
+    """write(f) into a temporary file beside `path`, fsync, rename: `path` ends up complete or untouched."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, write, mode)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -431,8 +405,12 @@ def write_atomically(path, write, mode="wb"):
         raise UserError(f"could not write '{path}' ({e.strerror}); free disk space or choose another --out") from None
 
 
+def write_json(path, obj):
+    write_atomically(path, lambda f: json.dump(obj, f, indent=1), "w")
+
+
 class _Hashing:
-    """A file-like object for torch.save that hashes what it writes."""
+    """A file for torch.save that hashes what it writes (a checkpoint is not read twice)."""
 
     def __init__(self, f, digest):
         self.f, self.digest = f, digest
@@ -455,19 +433,14 @@ def _recorded_digests(path):
 
 
 def _record_digests(path, digests):
-    name, tmp = os.path.basename(path), f"{path}.sha256.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("".join(f"{d}  {name}\n" for d in digests))
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = f"{path}.sha256.tmp-{os.getpid()}"
+    _write_synced(tmp, lambda f: f.write("".join(f"{d}  {os.path.basename(path)}\n" for d in digests)), "w")
     os.replace(tmp, path + ".sha256")
 
 
 def save_checkpoint(path, state):
-    """Write `state` to `path` atomically (temporary file, fsync, rename): a kill or a full disk at any moment
-    leaves the old file or the new one, never a torn one, and no temporary file behind. Its sha256 goes to
-    PATH.sha256 (load_checkpoint checks it); while the rename is under way that record names both files. Weights
-    that became NaN/inf are never written over a good checkpoint."""
+    """`state` to `path` as write_atomically does (a full disk leaves the old file), with its sha256 in PATH.sha256,
+    which names both files while the rename is under way. Weights that became NaN/inf are never written."""
     for name, value in state.items():
         if isinstance(value, dict) and not all(t.isfinite().all() for t in value.values()
                                                if torch.is_tensor(t) and t.is_floating_point()):
@@ -475,10 +448,7 @@ def save_checkpoint(path, state):
                             f"good checkpoint was kept. Lower --lr, check the data, or pass --skip-nonfinite")
     tmp, digest, old = f"{path}.tmp-{os.getpid()}", hashlib.sha256(), _recorded_digests(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, _Hashing(f, digest))
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, lambda f: torch.save(state, _Hashing(f, digest)))
         if old:
             _record_digests(path, old + [digest.hexdigest()])
         os.replace(tmp, path)
@@ -496,14 +466,8 @@ def save_checkpoint(path, state):
                 os.remove(os.path.join(folder, leftover))
 
 
-def write_json(path, obj):
-    """Write a JSON file atomically (config.json, metrics summaries)."""
-    write_atomically(path, lambda f: json.dump(obj, f, indent=1), "w")
-
-
 def load_checkpoint(path, stage=None, mmap=False):
-    """A checkpoint of this project (weights_only=True), checked against the sha256 recorded beside it when there is
-    one; `stage` (a name or tuple) checks which script wrote it."""
+    """A checkpoint of this project (weights_only), checked against its PATH.sha256 if any; `stage`: name or tuple."""
     if os.path.isdir(path):
         raise UserError(f"checkpoint '{path}' is a directory; pass a checkpoint file, e.g. "
                         f"{os.path.join(path, 'ckpt_last.pt')}")
@@ -555,6 +519,17 @@ def resume_state(args, stage, log=print):
     return state
 
 
+def restore(resume, log, **parts):
+    """Load the resumed checkpoint's state dicts into `parts` (checkpoint key = module or optimiser); -> its step, or
+    0 for a fresh run (resume None)."""
+    if resume is None:
+        return 0
+    for key, part in parts.items():
+        part.load_state_dict(resume[key])
+    log(f"resumed from {resume['path']} at step {resume['step']}")
+    return resume["step"]
+
+
 def inherit(args, name, saved, source):
     """A flag left at None takes the value recorded in `saved` (a checkpoint's config); an explicit value that
     contradicts the recorded one is refused."""
@@ -577,8 +552,7 @@ def load_init(args):
 
 
 def check_resume(saved, current, steps_fixed=False):
-    """Refuse to resume when a setting that defines the run differs (nothing is overwritten): every config key but
-    paths, cadences and machine flags (MAY_CHANGE), and --steps where a schedule depends on it."""
+    """Refuse to resume when a config key outside MAY_CHANGE differs (and --steps where a schedule depends on it)."""
     keys = [k for k in current if k not in MAY_CHANGE and k != "data_id"] + (["steps"] if steps_fixed else [])
     diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current.get(k)} (now)"
              for k in keys if saved.get(k) != current.get(k)]
@@ -602,9 +576,8 @@ def _on_stop_signal(signum, frame):
 
 
 def preempted(env):
-    """The signal number when SIGTERM (SLURM, Kubernetes) or SIGINT (Ctrl-C) arrived, else 0: the caller saves its
-    state and raises Preempted. Under DDP the ranks agree every step through an all-reduce of a CPU flag (gloo), so
-    that they stop at the same step without synchronising the GPU."""
+    """The number of the SIGTERM/SIGINT that arrived, else 0. Under DDP the ranks agree every step by an all-reduce of
+    a CPU flag (gloo), so that they stop at the same step without synchronising the GPU."""
     if not env.distributed:
         return _STOP["signal"]
     flag = torch.tensor([_STOP["signal"]])
@@ -614,8 +587,8 @@ def preempted(env):
 
 @contextlib.contextmanager
 def stop_on_signal(message):
-    """Inside the block SIGTERM and SIGINT stop the process at once, Preempted(message): for work after the last
-    checkpoint that a rerun redoes (end-of-run sampling). One process only."""
+    """SIGTERM and SIGINT raise Preempted(message) at once inside the block: work after the last checkpoint that a
+    rerun redoes (end-of-run sampling). One process only."""
     def stop(signum, frame):
         raise Preempted(signum, message)
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -627,9 +600,8 @@ def stop_on_signal(message):
 
 
 def checkpoint(env, args, step, state):
-    """End of a step: OUT/ckpt_last.pt every --ckpt-every steps, at the end and on SIGTERM/SIGINT (then Preempted is
-    raised, after the save); OUT/ckpt_<step>.pt every --keep-every steps. `state()` builds the checkpoint dict (rank 0
-    only)."""
+    """End of a step: OUT/ckpt_last.pt every --ckpt-every steps, at the end and on SIGTERM/SIGINT (then Preempted);
+    OUT/ckpt_<step>.pt every --keep-every steps. `state()` builds the checkpoint dict (rank 0 only)."""
     stop = preempted(env)
     last = os.path.join(args.out, "ckpt_last.pt")
     if env.main and (step % args.ckpt_every == 0 or step == args.steps or stop):
@@ -642,9 +614,7 @@ def checkpoint(env, args, step, state):
         raise Preempted(stop, f"stopped after step {step}; {last} holds step {step}; rerun to resume")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Optimisation
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Optimisation ----
 @torch.no_grad()
 def ema_update(ema_model, model, decay):
     """theta_ema <- decay * theta_ema + (1 - decay) * theta over parameters (buffers are copied)."""
@@ -654,9 +624,8 @@ def ema_update(ema_model, model, decay):
 
 
 def adamw(model, lr, betas, weight_decay, no_decay=(), device=None, lr_scale=None):
-    """AdamW; parameters whose name ends with one of `no_decay` get no weight decay. `lr_scale(name)`, when given,
-    is a per-parameter multiplier of the lr (layer-wise decay), kept in the group as "lr_scale". Parameters that
-    do not require gradients are left out. Fused kernels on CUDA."""
+    """AdamW over the parameters that require gradients; none of weight decay for names ending in `no_decay`;
+    `lr_scale(name)`: a per-parameter lr multiplier (layer-wise decay), kept in the group as "lr_scale"."""
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -668,7 +637,6 @@ def adamw(model, lr, betas, weight_decay, no_decay=(), device=None, lr_scale=Non
 
 
 def set_lr(optimizer, lr):
-    """Set the lr of every parameter group (times its lr_scale); returns lr."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
@@ -682,9 +650,8 @@ def warmup_cosine(step, total, base_lr, warmup=0):
 
 
 def learning_rate(step, args, base_lr):
-    """The lr of `step` under --lr-schedule: cosine (linear warm-up over --warmup, then cosine to 0 at --steps),
-    constant, or step (base_lr times the factor of the last --lr-milestones passed, Table 11); constant and step
-    take the same linear warm-up from 0."""
+    """The lr of `step` under --lr-schedule: cosine (warmup_cosine to 0 at --steps), constant, or step (base_lr times
+    the factor of the last --lr-milestones passed, Table 11); constant and step take the same linear warm-up."""
     if args.lr_schedule == "cosine":
         return warmup_cosine(step, args.steps, base_lr, args.warmup)
     lr = base_lr
@@ -695,17 +662,15 @@ def learning_rate(step, args, base_lr):
 
 
 def grad_norm(model):
-    """Global L2 norm of the gradients (a device tensor, no host sync)."""
+    """Global L2 norm of the gradients (a device tensor: no host sync)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
 
 class Stepper:
-    """The optimiser step and the non-finite policy, once for every script. step(loss): clip the gradient norm
-    (clip > 0), then with --skip-nonfinite skip the update when the process-averaged loss or the gradient norm is
-    NaN/inf (restoring the buffers, e.g. BatchNorm statistics, that the step's forward passes changed), else apply
-    it. Returns True when the update was applied; `.norm` is the gradient norm before clipping (device tensor).
-    Without --skip-nonfinite a NaN/inf is caught at the next log line (Meter) or checkpoint (save_checkpoint)."""
+    """step(loss): clip the gradient norm (clip > 0; `.norm` is the norm before), then with --skip-nonfinite skip the
+    update when the averaged loss or the norm is NaN/inf (restoring the buffers, e.g. BatchNorm statistics, of the
+    step's forwards); True when applied. Otherwise a NaN/inf stops the run at the next log line or checkpoint."""
 
     def __init__(self, optimizer, model, skip_nonfinite=False, buffers_of=(), log=print):
         self.optimizer, self.model, self.skip, self.log = optimizer, model, skip_nonfinite, log
@@ -731,15 +696,11 @@ class Stepper:
         return applied
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Logs
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Logs ----
 class Meter:
-    """OUT/metrics.jsonl, one JSON object per line (rank 0 writes). add(terms) sums a step's loss terms (a device
-    tensor: loss first, then the named terms) over the applied steps; at every --log-every step and the last,
-    log(step, ...) writes their process-averaged mean with lr, grad norm, images/s and peak memory, and stops the run
-    with a clear message when the loss is NaN/inf. On resume, records beyond the checkpoint's step are dropped, and
-    so are lines that do not parse (a write cut short by a crash), with a note."""
+    """OUT/metrics.jsonl (rank 0). add(terms) sums a step's loss terms (loss first); log() writes their averaged mean
+    every --log-every steps with lr, grad norm, images/s and peak memory. On resume, records beyond the checkpoint's
+    step and lines that do not parse (a write cut short) are dropped."""
 
     def __init__(self, args, env, names, resume_step=0, desc="train"):
         self.path, self.env, self.names, self.args = os.path.join(args.out, "metrics.jsonl"), env, names, args
@@ -765,8 +726,7 @@ class Meter:
         self.count += 1
 
     def log(self, step, grad_norm=None, **extra):
-        """Called after every step; writes at the log points (device tensors among `extra` are read only there, so
-        no step waits for the device). Returns the record written, or None."""
+        """After every step; device tensors among `extra` are read only at the log points (no step waits)."""
         self.images += self.args.batch_size
         self.bar.update(1)
         if step % self.args.log_every and step != self.args.steps:
@@ -789,8 +749,7 @@ class Meter:
         return record
 
     def write(self, **record):
-        """Append one line (rank 0). A write that fails (a full disk) is undone, so that the log never holds a torn
-        line, and stops the run with a UserError; the rerun resumes from the last checkpoint."""
+        """Append one line (rank 0); a failed write (a full disk) is undone, so that no torn line remains."""
         if not self.env.main:
             return
         line = (json.dumps(record) + "\n").encode()
@@ -816,20 +775,16 @@ def peak_memory_gb(device):
 
 
 def progress(total, initial, enabled, desc):
-    """tqdm progress bar with ETA on the main process (a no-op object elsewhere)."""
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, mininterval=2.0,
                 file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# kNN probe of an encoder (pre-training's progress; the fine-tuning experiments of demo.py)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- kNN probe of an encoder (pre-training's progress; the fine-tuning experiments of demo.py) ----
 class KnnProbe:
-    """Weighted kNN accuracy (k = 20, votes exp(cos / 0.07), as InstDisc/DINO) of an encoder's L2-normalised
-    features. bank, queries: (images (N, 3, H, W) normalised, labels (N,)). __call__(features) with
-    features(x, sigma) -> (N, D): `probe_acc` classifies clean queries (at sigma_clean, the level the training views
-    sit at) against the clean bank; `probe_acc_noisy` queries noised to sigma_noisy with the fixed `noise`."""
+    """Weighted kNN accuracy (k = 20, votes exp(cos / 0.07), as InstDisc/DINO) of features(x, sigma) -> (N, D):
+    `probe_acc` of clean queries (at sigma_clean, the level of the training views) against the clean bank,
+    `probe_acc_noisy` of queries noised to sigma_noisy with the fixed `noise`. bank, queries: (images, labels)."""
 
     def __init__(self, bank, queries, noise, sigma_clean, sigma_noisy):
         (self.bank_x, self.bank_y), (self.query_x, self.query_y), self.noise = bank, queries, noise
