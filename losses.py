@@ -24,15 +24,10 @@ import torch.nn.functional as F
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Grids, shift, preconditioning (eq. 4, eq. 10, Table 9)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Grids, shift, preconditioning (eq. 4, eq. 10, Table 9) ----
 def karras_sigmas(n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, index=None, dtype=torch.float64):
-    """Eq. 10: t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1.
-
-    Returns the whole descending grid (N,), or the values at `index` (any int tensor; i = N extrapolates one step
-    past sigma_min, which the diffusion weight of the last grid point needs).
-    """
+    """Eq. 10: t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, the descending grid
+    (N,), or its values at `index` (i = N: one step past sigma_min, for the last point's diffusion weight)."""
     i = torch.arange(n, dtype=dtype) if index is None else index.to(dtype)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + i / (n - 1) * (lo - hi)) ** rho
@@ -54,11 +49,8 @@ def c_noise(sigma):
 
 
 def consistency_scalings(sigma, sigma_min):
-    """Eq. 4 with EDM's boundary-condition scalings; sigma and sigma_min both shifted.
-
-    c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2), c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2),
-    so that c_skip(sigma_min) = 1, c_out(sigma_min) = 0 and f(x, sigma_min) = x exactly.
-    """
+    """Eq. 4 with EDM's boundary-condition scalings (sigma, sigma_min shifted), c_skip(sigma_min) = 1, c_out = 0:
+    c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2), c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2)."""
     c_skip = SIGMA_DATA ** 2 / ((sigma - sigma_min) ** 2 + SIGMA_DATA ** 2)
     c_out = (sigma - sigma_min) * SIGMA_DATA / torch.sqrt(sigma ** 2 + SIGMA_DATA ** 2)
     return c_skip, c_out
@@ -70,10 +62,7 @@ def _bcast(v, x):
 
 
 def denoise(model, x_t, sigma, y):
-    """Diffusion denoiser D(x_t; sigma~) = F(c_in x_t, c(sigma~), y): x-prediction (Table 9).
-
-    x_t: (B, 3, H, W), sigma: (B,) shifted, y: (B,) -> (B, 3, H, W).
-    """
+    """Diffusion denoiser D(x_t; sigma~) = F(c_in x_t, c(sigma~), y): x-prediction (Table 9); sigma (B,) shifted."""
     return model(x_t * _bcast(c_in(sigma), x_t), c_noise(sigma), y)
 
 
@@ -83,14 +72,12 @@ def precondition(x, sigma):
 
 
 def consistency_function(model, x_t, sigma, y, sigma_min):
-    """Eq. 4: f(x_t, sigma~) = c_skip x_t + c_out F(c_in x_t, c(sigma~), y). Shapes as `denoise`."""
+    """Eq. 4: f(x_t, sigma~) = c_skip x_t + c_out F(c_in x_t, c(sigma~), y)."""
     c_skip, c_out = consistency_scalings(sigma, sigma_min)
     return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * denoise(model, x_t, sigma, y)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# NT-Xent (eq. 7) and pre-training (eq. 6-8)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- NT-Xent (eq. 7) and pre-training (eq. 6-8) ----
 def _rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -98,7 +85,7 @@ def _rank_world():
 
 
 def global_keys(k):
-    """Stop-gradient keys (B, D) of this rank -> L2-normalised fp32 keys of the GLOBAL batch (world*B, D), rank order."""
+    """Stop-gradient keys (B, D) of this rank -> L2-normalised fp32 keys of the GLOBAL batch (world*B, D)."""
     k = F.normalize(k.detach().float(), dim=-1)
     rank, world = _rank_world()
     if world == 1:
@@ -109,13 +96,10 @@ def global_keys(k):
 
 
 def nt_xent(q, k, tau, first=None):
-    """Eq. 7: -log( exp(q.k+ / tau) / (exp(q.k+ / tau) + sum_k- exp(q.k- / tau)) ), per query, L2-normalised.
-
-    q: (B, D) queries (with gradient). k: (B, D) their positive keys, gathered over all ranks here; or, when `first`
-    is given, the keys of the whole global batch already gathered by `global_keys`, the positive of q[i] being
-    k[first + i] (so that a micro-batch's queries still see every key of the step). Negatives: every other key of the
-    global batch; no 2*tau factor, no memory queue. tau: float or (B,) per query. Returns (B,) fp32 losses.
-    """
+    """Eq. 7 per query (L2-normalised): -log( exp(q.k+ / tau) / (exp(q.k+ / tau) + sum_k- exp(q.k- / tau)) ) -> (B,).
+    k: the positive keys (B, D), gathered here; or, with `first`, the global_keys of the whole step, q[i]'s positive
+    being k[first + i] (a micro-batch's queries still see every key). Negatives: every other key of the global batch;
+    no 2*tau factor, no memory queue. tau: float or (B,)."""
     if first is None:
         k, first = global_keys(k), _rank_world()[0] * q.shape[0]
     positive = first + torch.arange(q.shape[0], device=q.device)
@@ -125,16 +109,11 @@ def nt_xent(q, k, tau, first=None):
 
 
 def rc_tau(sigma, step, total_steps, tau1=0.1, tau2=0.2, schedule="annealed"):
-    """Temperature of the representation-consistency loss, tau(t) = tau1 (1 - t) + tau2 t (§3.2, Table 10).
-
-    t = (sigma - sigma_min) / (sigma_max - sigma_min) in [0, 1] is the linearly normalised *unshifted* noise level of
-    the noisier input. schedule:
-      "annealed" (paper): tau2 decays to tau1 along a quarter-sine over the first two thirds of training,
-                          tau2(k) = tau2 - (tau2 - tau1) sin(0.75 pi k / K) for k <= 2K/3, then tau1;
+    """Temperature of the representation-consistency loss, tau(t) = tau1 (1 - t) + tau2 t (§3.2, Table 10), with
+    t = (sigma - sigma_min) / (sigma_max - sigma_min) of the *unshifted* level of the noisier input. schedule:
+      "annealed" (paper): tau2(k) = tau2 - (tau2 - tau1) sin(0.75 pi k / K) for k <= 2K/3, then tau1;
       "interpolated":     tau2 kept constant;
-      "constant":         tau = tau1 everywhere (the official code's released configuration).
-    sigma: (B,) tensor -> (B,) temperatures.
-    """
+      "constant":         tau = tau1 everywhere (the official code's released configuration)."""
     if schedule == "constant":
         return torch.full_like(sigma, tau1, dtype=torch.float32)
     if schedule == "annealed":
@@ -147,12 +126,9 @@ def rc_tau(sigma, step, total_steps, tau1=0.1, tau2=0.2, schedule="annealed"):
 
 
 def ict_num_scales(step, total_steps, s0=20, s1=1280, variant="ict"):
-    """Discretisation curriculum N(k) of iCT (Song & Dhariwal 2023), 20 -> 1280 in the paper (Table 9).
-
+    """Grid points N(k) of iCT's curriculum (Song & Dhariwal 2023), 20 -> 1280 in the paper (Table 9):
     "ict" (paper):  K' = floor(K / (log2 floor(s1/s0) + 1)),  N(k) = min(s0 * 2^floor(k/K'), s1) + 1
-    "official":     K' = ceil(K / log2(ceil(s1/s0) + 1)),     N(k) = min(s0 * 2^ceil(k/K'), s1) + 1
-    Returns the number of grid points N (the grid has N - 1 intervals).
-    """
+    "official":     K' = ceil(K / log2(ceil(s1/s0) + 1)),     N(k) = min(s0 * 2^ceil(k/K'), s1) + 1"""
     if variant == "ict":
         k_prime = max(total_steps // (int(math.log2(s1 // s0)) + 1), 1)
         doublings = step // k_prime
@@ -165,28 +141,20 @@ def ict_num_scales(step, total_steps, s0=20, s1=1280, variant="ict"):
 
 
 def rc_noise_pair(batch_size, num_scales, generator=None, shared=False, device="cpu"):
-    """Adjacent noise levels of the representation-consistency loss (eq. 6, 8), unshifted.
-
-    n ~ U{0, .., N-2} per sample (paper: n ~ U(0, N)); `shared=True` draws one n for the whole batch (official
-    code; for the whole *global* batch the caller must use the same generator state on every rank).
-    Returns (sigma_n, sigma_next): the noisier t_n = grid[n] and the cleaner t_{n-1} = grid[n+1], each (B,) float32.
-    """
+    """Adjacent unshifted levels of eq. 6, 8: (t_n = grid[n], the cleaner t_{n-1} = grid[n+1]), n ~ U{0, .., N-2} per
+    sample (paper: n ~ U(0, N)), or with `shared` one n for the whole batch (official code)."""
     count = 1 if shared else batch_size
     n = torch.randint(0, num_scales - 1, (count,), generator=generator).expand(batch_size)
     sigma_n = karras_sigmas(num_scales, index=n)
     sigma_next = karras_sigmas(num_scales, index=n + 1)
     return sigma_n.float().to(device, non_blocking=True), sigma_next.float().to(device, non_blocking=True)
 
+
 @torch.no_grad()
 def rcm_keys(momentum, target, x, view1, view2, eps, sigma_next, sigma_views):
-    """The stop-gradient keys of eq. 8 for a whole step's batch, L2-normalised and gathered over ranks (global_keys).
-
-    k1, k2 = L-(E-(y~)) of the momentum branch on the two views at the data end, y~ = y + sigma_views eps;
-    h_next = sg E(x + t_{n-1} eps), the online encoder itself on the cleaner point of the trajectory.
-    momentum(x_in, c) -> (k1, k2) for x_in = [y1~; y2~]; target(x_in, c) -> (B, D) LN'd CLS features.
-    x, view1, view2, eps: (B, 3, H, W); sigma_next: (B,) shifted; sigma_views: float, s * sigma_min.
-    Returns (k1, k2, h_next), each (world*B, D).
-    """
+    """The stop-gradient keys of eq. 8 for a whole step's batch, as global_keys: k1, k2 = L-(E-(y~)) of the momentum
+    branch (momentum(x_in, c) -> (k1, k2), x_in = [y1~; y2~]) on the views at y~ = y + sigma_views eps, and h_next =
+    sg E(x + t_{n-1} eps) of target(x_in, c) -> LN'd CLS, the online encoder itself; sigma_next (B,) shifted."""
     s0 = torch.full_like(sigma_next, sigma_views)
     k1, k2 = momentum(*precondition(torch.cat([view1 + sigma_views * eps, view2 + sigma_views * eps]),
                                     torch.cat([s0, s0])))
@@ -195,16 +163,12 @@ def rcm_keys(momentum, target, x, view1, view2, eps, sigma_next, sigma_views):
 
 
 def rcm_loss(online, keys, x, view1, view2, eps, sigma_n, sigma_views, tau_rc, ctr_tau, first):
-    """Eq. 8 per image (lambda(t) = 1), with one Gaussian eps shared by all inputs of an image (eq. 6):
-
+    """Eq. 8 per image (lambda(t) = 1), one Gaussian eps shared by all inputs of an image (eq. 6) -> (contrastive,
+    consistency), each (B,):
         contrastive:  NT-Xent(L(E(y1~)), sg L-(E-(y2~)); ctr_tau) + NT-Xent(L(E(y2~)), sg L-(E-(y1~)); ctr_tau)
         consistency:  NT-Xent(E(x + t_n eps), sg E(x + t_{n-1} eps); tau(t_n))
-
-    online(x_in, c) -> (q1, q2, h_n) for x_in = [y1~; y2~; x_n]: projections of both views and the LN'd CLS feature
-    of x_n, in one encoder pass. keys: rcm_keys of the step; first: the global index of x[0] among them.
-    x, view1, view2, eps: (B, 3, H, W); sigma_n: (B,) shifted t_n; tau_rc: (B,). Returns (contrastive, consistency),
-    each (B,).
-    """
+    online(x_in, c) -> (q1, q2, h_n) for x_in = [y1~; y2~; x_n], in one encoder pass; keys: rcm_keys of the step,
+    `first` the global index of x[0] among them; sigma_n: (B,) shifted t_n."""
     s0 = torch.full_like(sigma_n, sigma_views)
     inputs = torch.cat([view1 + sigma_views * eps, view2 + sigma_views * eps, x + _bcast(sigma_n, x) * eps])
     q1, q2, h_n = online(*precondition(inputs, torch.cat([s0, s0, sigma_n])))
@@ -213,18 +177,13 @@ def rcm_loss(online, keys, x, view1, view2, eps, sigma_n, sigma_views, tau_rc, c
     return contrastive, nt_xent(h_n, h_next, tau_rc, first)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Diffusion fine-tuning (eq. 1, Table 9)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Diffusion fine-tuning (eq. 1, Table 9) ----
 DIFFUSION_SCALES = 1280
 
 
 def diffusion_noise(batch_size, generator=None, p_mean=-1.2, p_std=1.6, num_scales=DIFFUSION_SCALES):
-    """t ~ lognormal(-1.2, 1.6) snapped to the nearest point of the N = 1280 grid (Table 9 dagger); unshifted.
-
-    Returns (sigma (B,) float32, weight (B,) float32) with weight = 1 / (t_n - t_{n-1}), the gap from t_n to the next
-    cleaner grid point (the last point uses the grid extrapolated one step past sigma_min).
-    """
+    """t ~ lognormal(-1.2, 1.6) snapped to the N = 1280 grid (Table 9 dagger), unshifted -> (sigma, weight), (B,)
+    float32, weight = 1 / (t_n - t_{n-1}) to the next cleaner point (past the last one: the extrapolated grid)."""
     grid = karras_sigmas(num_scales)
     t = torch.exp(p_mean + p_std * torch.randn(batch_size, generator=generator, dtype=torch.float64))
     index = (t[:, None] - grid[None]).abs().argmin(dim=1)
@@ -232,20 +191,15 @@ def diffusion_noise(batch_size, generator=None, p_mean=-1.2, p_std=1.6, num_scal
     weight = 1.0 / (sigma - karras_sigmas(num_scales, index=index + 1))
     return sigma.float(), weight.float()
 
-def diffusion_loss(net, x0, y, sigma, weight, eps):
-    """Eq. 1 per image with Table 9's settings: weight * mean_pixels (D(x0 + sigma eps; sigma, y) - x0)^2.
 
-    net: F(x_in, c_noise, y), an x-prediction network (denoise); x0, eps: (B, 3, H, W); y: (B,) labels (null class
-    already applied); sigma: (B,) SHIFTED s t_n; weight: (B,) 1/(t_n - t_{n-1}) of the unshifted grid
-    (diffusion_noise). Returns (B,) fp32.
-    """
+def diffusion_loss(net, x0, y, sigma, weight, eps):
+    """Eq. 1 per image with Table 9's settings: weight * mean_pixels (D(x0 + sigma eps; sigma, y) - x0)^2 -> (B,),
+    sigma the SHIFTED s t_n, weight 1/(t_n - t_{n-1}) of the unshifted grid (diffusion_noise)."""
     pred = denoise(net, x0 + _bcast(sigma, x0) * eps, sigma, y)
     return weight.float() * (pred.float() - x0.float()).pow(2).flatten(1).mean(dim=1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Consistency fine-tuning (eq. 4, 5, 9, Table 9; ECT's time pairs)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Consistency fine-tuning (eq. 4, 5, 9, Table 9; ECT's time pairs) ----
 def ect_stage(step, interval=100_000):
     """ECT stage of the official code: 1 + floor(step / 100k) (the interval is a flag for short runs)."""
     return 1 + step // interval
@@ -273,23 +227,17 @@ def ct_weight(t_shifted, r_shifted):
 
 
 def pseudo_huber(pred, target, c=0.06):
-    """Consistency distance of the official code: S / sg(sqrt(S + c^2)), S = per-sample sum of squared differences.
-
-    Its gradient is grad(S) / sqrt(S + c^2): ECT's pseudo-Huber sqrt(S + c^2) - c up to a factor 2. -> (B,)
-    """
+    """Consistency distance of the official code, S / sg(sqrt(S + c^2)) with S the per-sample sum of squares: its
+    gradient grad(S) / sqrt(S + c^2) is that of ECT's pseudo-Huber sqrt(S + c^2) - c up to a factor 2."""
     s = (pred.float() - target.float()).pow(2).flatten(1).sum(dim=1)
     return s / torch.sqrt(s + c * c).detach()
 
-def consistency_loss(net, target, x0, y, t, r, eps, sigma_min, huber_c=0.06, rng_devices=()):
-    """Eq. 5 per image: lambda(t~, r~) d(f_theta(x_t, t~), f_sg(theta)(x_r, r~)), x_t = x0 + t~ eps, x_r = x0 + r~ eps.
 
-    f is the consistency function of eq. 4 (boundary sigma_min, shifted); net: F_theta with gradient; target: the same
-    network for the stop-gradient pass (the current weights, no EMA teacher). The target runs first, under no_grad
-    in a forked RNG that is rewound afterwards, so the online pass draws the same dropout masks (as the official code
-    does by saving and restoring the CUDA RNG state); rng_devices: the CUDA devices to fork. d = pseudo_huber,
-    lambda = ct_weight. x0, eps: (B, 3, H, W); y, t, r: (B,), t and r shifted, r <= t.
-    Returns (loss (B,) fp32, prediction f_theta(x_t, t~) (B, 3, H, W) with gradient, for aux_loss).
-    """
+def consistency_loss(net, target, x0, y, t, r, eps, sigma_min, huber_c=0.06, rng_devices=()):
+    """Eq. 5 per image: ct_weight(t~, r~) pseudo_huber(f_theta(x0 + t~ eps, t~), f_sg(theta)(x0 + r~ eps, r~)), f of
+    eq. 4 -> (loss (B,), f_theta(x_t, t~) with gradient, for aux_loss). target: the same network, current weights (no
+    EMA teacher); it runs first, under no_grad in a forked RNG (rng_devices: the CUDA devices) that is rewound, so the
+    online pass draws the same dropout masks (the official code saves and restores the CUDA RNG state)."""
     with torch.random.fork_rng(devices=list(rng_devices)), torch.no_grad():
         target_x = consistency_function(target, x0 + _bcast(r, x0) * eps, r, y, sigma_min)
     prediction = consistency_function(net, x0 + _bcast(t, x0) * eps, t, y, sigma_min)
@@ -298,27 +246,20 @@ def consistency_loss(net, target, x0, y, t, r, eps, sigma_min, huber_c=0.06, rng
 
 @torch.no_grad()
 def aux_keys(W, x0, sigma_min):
-    """The stop-gradient keys sg W(x_t0, t_0) of eq. 9 for a whole step's batch (B, 3, H, W), gathered over ranks.
-    W(x_in, c) -> (B, D): the frozen RCM's LN'd CLS feature (paper) or projector output (official code). t_0 is the
-    trajectory end sigma~_min at which x_t0 counts as data (footnote to eq. 4). -> (world*B, D)"""
+    """The stop-gradient keys sg W(x_t0, t_0) of eq. 9 of a whole step's batch, as global_keys; W(x_in, c) -> (B, D),
+    the frozen RCM's LN'd CLS (paper) or projector output (official); t_0 = sigma~_min, where x_t0 is data (eq. 4)."""
     return global_keys(W(*precondition(x0, torch.full((x0.shape[0],), sigma_min, device=x0.device))))
 
 
 def aux_loss(W, prediction, keys, t, sigma_min, tau, kind, first):
-    """Eq. 9 per image: NT-Xent(W(f_theta(x_t, t~), t~), sg W(x_t0, t_0)).
-
-    W: the frozen pre-trained RCM as in aux_keys (no gradient to its weights; the gradient flows through it into the
-    prediction). prediction: f_theta(x_t, t~) (B, 3, H, W); keys: aux_keys of the step; first: global index of
-    prediction[0]; t: (B,) shifted levels of the noisy inputs. kind "encoder" follows the paper (the prediction at
-    t~); "projector" the official code (the prediction at sigma~_min too). Returns (B,).
-    """
+    """Eq. 9 per image: NT-Xent(W(f_theta(x_t, t~), t~), sg W(x_t0, t_0)), the gradient flowing through the frozen W
+    into the prediction; keys: aux_keys of the step, `first` the global index of prediction[0]. kind "encoder": the
+    paper (the prediction at t~); "projector": the official code (the prediction at sigma~_min too)."""
     sigma = t if kind == "encoder" else torch.full_like(t, sigma_min)
     return nt_xent(W(*precondition(prediction, sigma)), keys, tau, first)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Samplers (paper §4: Heun-32 with interval CFG, Euler-50, one/two-step consistency sampling)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Samplers (paper §4: Heun-32 with interval CFG, Euler-50, one/two-step consistency sampling) ----
 def sampling_sigmas(steps, image_size):
     """Shifted Karras grid sigma~_i = s * t_i (eq. 10, Table 9), descending, float64 (steps,), no final zero: the
     samplers stop at s * sigma_min and return x there, as the official code does."""
@@ -326,7 +267,7 @@ def sampling_sigmas(steps, image_size):
 
 
 def clamp_to(x, bounds):
-    """Clamp x (B, 3, H, W) per channel to bounds = (lo (3,), hi (3,)); identity for None."""
+    """x (B, 3, H, W) clamped per channel to bounds = (lo (3,), hi (3,)), or None."""
     if bounds is None:
         return x
     lo, hi = (b.to(x.device, x.dtype).view(1, 3, 1, 1) for b in bounds)
@@ -335,15 +276,11 @@ def clamp_to(x, bounds):
 
 def guided_denoiser(model, labels, null_label, shift, cfg_scale=1.0, cfg_interval=(0.19, 1.61), clamp=None,
                     counter=None, autocast=contextlib.nullcontext):
-    """D(x; sigma~) of an x-prediction network with interval CFG (Kynkaanniemi et al. 2024, as the official code).
-
-    labels: (B,) int64; null_label: the null class (= num_classes); shift: s = H/64; cfg_interval: unshifted
-    (lo, hi]; clamp: per-channel bounds or None; counter: optional dict counting images through the network.
-    Returns denoiser(x (B,3,H,W), sigma (float, shifted)) -> (B,3,H,W) in x's dtype:
+    """denoiser(x, sigma~ (float)): D of an x-prediction network with interval CFG (Kynkaanniemi et al. 2024, as the
+    official code), cfg_interval unshifted, tested on the grid's own float64 sigma (never one recovered from c_noise):
         inside lo < sigma/s <= hi and w != 1:  D_u + w (D_c - D_u), cond and uncond batched in one forward;
         otherwise:                             D_c (only the conditional forward runs).
-    The interval test uses the sigma value of the grid itself (float64), never one recovered from c_noise.
-    """
+    null_label = num_classes; clamp: per-channel bounds or None; counter: a dict counting images through the net."""
     lo, hi = cfg_interval
 
     def denoiser(x, sigma):
@@ -363,7 +300,7 @@ def guided_denoiser(model, labels, null_label, shift, cfg_scale=1.0, cfg_interva
 
 
 def consistency_fn(model, labels, shift, clamp=None, counter=None, autocast=contextlib.nullcontext):
-    """f(x, sigma~) of eq. 4 with boundary s * sigma_min, clamped like D. Returns f(x (B,3,H,W), float) -> (B,3,H,W)."""
+    """f(x, sigma~ (float)) of eq. 4 with boundary s * sigma_min, clamped like D."""
     def f(x, sigma):
         with autocast():
             out = consistency_function(model, x.float(), torch.full((x.shape[0],), sigma, device=x.device), labels,
@@ -377,9 +314,8 @@ def consistency_fn(model, labels, shift, clamp=None, counter=None, autocast=cont
 
 @torch.no_grad()
 def heun_sample(denoiser, x, sigmas):
-    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 2, S_churn = 0) over the descending shifted grid
-    `sigmas` (float64 (steps,)), WITHOUT a final step to sigma = 0: returns x at sigmas[-1]. x = sigmas[0] * z.
-    2 (steps - 1) denoiser calls:
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 2, S_churn = 0) from x = sigmas[0] z over the shifted
+    grid, WITHOUT a final step to sigma = 0 (returns x at sigmas[-1]); 2 (steps - 1) denoiser calls:
         d = (x - D(x; s_i)) / s_i;  x' = x + (s_{i+1} - s_i) d;  d' = (x' - D(x'; s_{i+1})) / s_{i+1}
         x <- x + (s_{i+1} - s_i) (d + d') / 2
     """
@@ -392,8 +328,8 @@ def heun_sample(denoiser, x, sigmas):
 
 @torch.no_grad()
 def euler_sample(denoiser, x, sigmas):
-    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over `sigmas`, ending at
-    sigmas[-1] (steps - 1 denoiser calls: 49 for the paper's 50-step ablation sampler). Shapes as heun_sample."""
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma, as heun_sample (steps - 1
+    denoiser calls: 49 for the paper's 50-step ablation sampler)."""
     for s_cur, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         x = x + (s_next - s_cur) * (x - denoiser(x, s_cur)) / s_cur
     return x
@@ -401,10 +337,8 @@ def euler_sample(denoiser, x, sigmas):
 
 @torch.no_grad()
 def consistency_sample(f, z, shift, mid_sigmas=()):
-    """Consistency sampling (Song et al. 2023, Alg. 1) at shifted levels. z: (1 + len(mid_sigmas), B, 3, H, W)
-    standard normal draws; mid_sigmas: unshifted intermediate levels (empty: one step).
-    One step x = f(s*80 z_0, s*80); then per t_mid: x <- x + sqrt((s t_mid)^2 - (s sigma_min)^2) z_k, x = f(x, s t_mid).
-    """
+    """Consistency sampling (Song et al. 2023, Alg. 1) at shifted levels: x = f(s*80 z_0, s*80), then per unshifted
+    t_mid: x <- f(x + sqrt((s t_mid)^2 - (s sigma_min)^2) z_k, s t_mid). z: (1 + len(mid_sigmas), B, 3, H, W)."""
     sigma_max, sigma_min = shift * SIGMA_MAX, shift * SIGMA_MIN
     x = f(sigma_max * z[0], sigma_max)
     for k, t_mid in enumerate(mid_sigmas, start=1):

@@ -23,14 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configurations (Tables 7 and 8). Encoder and decoder have the same depth; heads are chosen by the paper.
-# `tokens_per_side`: the patch size is image_size // tokens_per_side, i.e. 16x16 patches at 256^2 and 32x32 at 512^2
-# (the paper keeps 256 image tokens at every resolution). "T" is a tiny model for CPU runs and tests.
-# `pos_embed_init`: the learnable positional embedding starts as trunc-normal(0.02) (the official code) or as the
-# 2-D sin-cos embedding of MAE / MoCo v3 ("sincos", T only: with a near-zero start a run of a few thousand CPU steps
-# barely learns where a token is, and its samples are mosaics of 4x4 patches; see README, tiny preset).
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Configurations (Tables 7 and 8): encoder and decoder have the same depth; "T" is a tiny model for CPU ----
+# The patch size is image_size // tokens_per_side: 16 at 256^2, 32 at 512^2 (the paper keeps 256 image tokens).
+# pos_embed_init: trunc-normal(0.02) (official code), or MAE's 2-D sin-cos ("sincos", T only: from a near-zero start a
+# few thousand CPU steps barely learn where a token is, and samples are mosaics of 4x4 patches; README, tiny preset).
 MODEL_CONFIGS = {
     #       depth  enc_dim enc_heads dec_dim dec_heads
     "T":   dict(depth=4, enc_dim=128, enc_heads=4, dec_dim=128, dec_heads=4, tokens_per_side=8,
@@ -42,19 +38,17 @@ MODEL_CONFIGS = {
     "XXL": dict(depth=12, enc_dim=768, enc_heads=12, dec_dim=1920, dec_heads=16),
     "G":   dict(depth=12, enc_dim=768, enc_heads=12, dec_dim=2688, dec_heads=21),
 }
+# proj_dim: not stated in the paper; 256 reproduces Table 8's parameter counts
 DEFAULTS = dict(tokens_per_side=16, mlp_ratio=4, proj_hidden=4096, proj_dim=256, pos_embed_init="trunc-normal")
-# The RCM projector output is not stated in the paper; 256 is the value that reproduces Table 8's parameter counts.
 
 
 def model_config(name):
-    """Full configuration dict of model `name` (one of MODEL_CONFIGS)."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODEL_CONFIGS)}")
     return {**DEFAULTS, **MODEL_CONFIGS[name]}
 
 
 def patch_size_for(name, image_size):
-    """Patch size of model `name` at `image_size` (16 at 256^2, 32 at 512^2 for the paper's models)."""
     tokens = model_config(name)["tokens_per_side"]
     if image_size % tokens:
         raise ValueError(f"image size {image_size} is not divisible by {tokens} (model {name} uses "
@@ -62,15 +56,10 @@ def patch_size_for(name, image_size):
     return image_size // tokens
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Building blocks ----
 def timestep_embedding(c_noise, dim, max_period=10000.0):
-    """Sinusoidal embedding of the time condition (ADM style, cos half first).
-
-    c_noise: (B,) float, c(t) = 1000 * 1/4 * ln(t) of the shifted noise level (Table 9).
-    Returns (B, dim) float32. It is used as-is as the time token (no MLP) and as the decoder's adaLN condition.
-    """
+    """Sinusoidal embedding (ADM style, cos half first) of c(t) = 250 ln(t~) (B,) (Table 9) -> (B, dim) float32, used
+    as-is (no MLP) as the time token and in the decoder's adaLN condition."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=c_noise.device) / half)
     args = c_noise.float()[:, None] * freqs[None]
@@ -81,11 +70,8 @@ def timestep_embedding(c_noise, dim, max_period=10000.0):
 
 
 def sincos_pos_embed_2d(grid, dim):
-    """2-D sin-cos positional embedding in the style of MAE / MoCo v3, for a grid x grid row-major token layout.
-
-    The first dim/2 channels encode the row, the last dim/2 the column, each as [sin(p w_k), cos(p w_k)] with
-    w_k = 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1. Returns (grid*grid, dim) float32; dim must be a multiple of 4.
-    """
+    """MAE / MoCo v3's 2-D sin-cos embedding of a row-major grid x grid layout -> (grid*grid, dim) float32: the first
+    dim/2 channels encode the row, the last the column, as [sin(p w_k), cos(p w_k)], w_k = 10000^(-k / (dim/4))."""
     if dim % 4:
         raise ValueError(f"sin-cos positional embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))      # (dim/4,)
@@ -105,10 +91,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: qkv without bias, output projection with bias, SDPA kernel.
-
-    `proj_drop` is the dropout right after the attention block (Table 11: 0.5 in the consistency decoder).
-    """
+    """Multi-head self-attention: qkv without bias, output projection with bias, then `proj_drop` (Table 11: 0.5 in
+    the consistency decoder)."""
 
     def __init__(self, dim, heads, proj_drop=0.0):
         super().__init__()
@@ -119,7 +103,6 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
-        """x: (B, T, D) -> (B, T, D)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)          # (B, heads, T, head_dim); flash kernel on GPU
@@ -128,8 +111,6 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Sequential):
-    """Linear -> GELU (exact) -> Linear, hidden width mlp_ratio * dim."""
-
     def __init__(self, dim, hidden):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
@@ -150,13 +131,11 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Long skip from the mirrored encoder block, then an adaLN-Zero transformer block (Figure 4).
-
+    """Long skip from the mirrored encoder block, then an adaLN-Zero transformer block (Figure 4):
     skip merge:  x <- LN(Linear([x ; e]))            (concat on channels, D_dec + D_enc -> D_dec)
     adaLN-Zero:  (shift1, scale1, gate1, shift2, scale2, gate2) = Linear(SiLU(c)), zero-initialised
                  x += gate1 * Attn(LN(x) * (1 + scale1) + shift1)
-                 x += gate2 * MLP(LN(x) * (1 + scale2) + shift2)
-    """
+                 x += gate2 * MLP(LN(x) * (1 + scale2) + shift2)"""
 
     def __init__(self, dim, heads, enc_dim, cond_dim, mlp_ratio=4, attn_drop=0.0):
         super().__init__()
@@ -169,16 +148,13 @@ class DecoderBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
 
     def forward(self, x, skip, c):
-        """x: (B, T, D_dec), skip: (B, T, D_enc), c: (B, D_enc) -> (B, T, D_dec)."""
         x = self.skip_norm(self.skip_linear(torch.cat([x, skip], dim=-1)))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
         x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Encoder (shared by RCM and EPG)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Encoder (shared by RCM and EPG) ----
 class Encoder(nn.Module):
     """ViT encoder over [CLS] [time] [patch_1 .. patch_N] with a learnable positional embedding on all tokens."""
 
@@ -195,11 +171,8 @@ class Encoder(nn.Module):
         self.norm = LayerNorm(dim)
 
     def forward(self, x, c_noise, cls_offset=None):
-        """x: (B, 3, H, W) preconditioned image, c_noise: (B,), cls_offset: optional (B, D) added to [CLS].
-
-        Returns (tokens, skips): tokens (B, 2+N, D) after the final LayerNorm; skips, the raw residual-stream
-        output of every block (list of depth tensors (B, 2+N, D)), used by the decoder's long skips.
-        """
+        """x: (B, 3, H, W) preconditioned, c_noise: (B,), cls_offset: (B, D) added to [CLS] or None. -> (tokens
+        (B, 2+N, D) after the final LN, skips: each block's raw residual stream, for the decoder's long skips)."""
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)                       # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         if cls_offset is not None:
@@ -240,15 +213,10 @@ def init_vit_weights(module, qkv_per_slice=True):
                 nn.init.trunc_normal_(m.pos_embed, std=0.02)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# RCM: encoder + projector (pre-training, Table 8)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- RCM: encoder + projector (pre-training, Table 8) ----
 class RCM(nn.Module):
-    """Representation Consistency Model: the encoder plus a 3-layer projector (Figure 2a, Table 8).
-
-    projector: Linear(D->4096, no bias) BN ReLU, Linear(4096->4096, no bias) BN ReLU, Linear(4096->256, no bias);
-    no BatchNorm after the last layer and no predictor head.
-    """
+    """Representation Consistency Model (Figure 2a, Table 8): the encoder plus a projector Linear(D->4096) BN ReLU,
+    Linear(4096->4096) BN ReLU, Linear(4096->256), all without bias; no BN after the last layer, no predictor."""
 
     def __init__(self, image_size=256, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4,
                  proj_hidden=4096, proj_dim=256, pos_embed_init="trunc-normal"):
@@ -261,12 +229,12 @@ class RCM(nn.Module):
         init_vit_weights(self)
 
     def features(self, x, c_noise):
-        """x: (B, 3, H, W), c_noise: (B,) -> LN'd CLS feature (B, D): the representation-consistency feature (eq. 8)."""
+        """-> LN'd CLS feature (B, D): the representation-consistency feature (eq. 8)."""
         tokens, _ = self.encoder(x, c_noise)
         return tokens[:, 0]
 
     def forward(self, x, c_noise):
-        """Returns (projection (B, proj_dim), CLS feature (B, D)); the projection feeds the contrastive loss."""
+        """-> (projection (B, proj_dim) for the contrastive loss, CLS feature (B, D))."""
         h = self.features(x, c_noise)
         return self.projector(h), h
 
@@ -286,15 +254,10 @@ class RCMViews(nn.Module):
         return (self.rcm.projector(h[0]), self.rcm.projector(h[1]), *h[2:])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# EPG: encoder + decoder (fine-tuning, Table 7, Figure 4)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- EPG: encoder + decoder (fine-tuning, Table 7, Figure 4) ----
 class EPG(nn.Module):
     """The EPG generator F(c_in x, c(t), y): pre-trained encoder + adaLN-Zero decoder with encoder->decoder skips.
-
-    Class labels are in [0, num_classes]; label `num_classes` is the null class used for classifier-free guidance.
-    `decoder_dropout` is the dropout after each attention block of the decoder (Table 11: 0.5 for consistency).
-    """
+    Labels in [0, num_classes], `num_classes` the null class of CFG; decoder_dropout: after each attention block."""
 
     def __init__(self, image_size=256, patch_size=16, depth=12, enc_dim=768, enc_heads=12, dec_dim=768,
                  dec_heads=12, num_classes=1000, mlp_ratio=4, decoder_dropout=0.0, pos_embed_init="trunc-normal"):
@@ -316,11 +279,7 @@ class EPG(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x, c_noise, y):
-        """x: (B, 3, H, W) preconditioned noisy image, c_noise: (B,), y: (B,) int64 in [0, num_classes].
-
-        Returns the raw network output F (B, 3, H, W): the clean-image prediction for diffusion (x-prediction),
-        or F_theta of the consistency parameterisation (eq. 4).
-        """
+        """-> the raw output F (B, 3, H, W): the clean image for diffusion (x-prediction), F_theta of eq. 4."""
         class_emb = self.class_embed(y)                                          # (B, D_enc)
         tokens, skips = self.encoder(x, c_noise, cls_offset=class_emb)
         cond = timestep_embedding(c_noise, class_emb.shape[-1]) + class_emb      # time + class (adaLN condition)
@@ -339,11 +298,9 @@ def unpatchify(tokens, patch_size):
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, 3, m * patch_size, m * patch_size)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Factories
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Factories ----
 def build_rcm(name, image_size=256, proj_dim=None):
-    """RCM-`name` (Table 8) at `image_size`. proj_dim overrides the projector output (256 by default)."""
+    """RCM-`name` (Table 8); proj_dim overrides the projector output."""
     cfg = model_config(name)
     return RCM(image_size, patch_size_for(name, image_size), cfg["enc_dim"], cfg["depth"], cfg["enc_heads"],
                cfg["mlp_ratio"], cfg["proj_hidden"], proj_dim or cfg["proj_dim"], cfg["pos_embed_init"])
@@ -357,12 +314,8 @@ def build_epg(name, image_size=256, num_classes=1000, decoder_dropout=0.0):
 
 
 def load_encoder_from_rcm(epg, rcm_state):
-    """Initialise `epg`'s encoder from an RCM state dict (§3.3: the projector is discarded; the decoder, class
-    embedding and width bridge stay freshly initialised).
-
-    Exactly the encoder tensors must transfer: any other missing key, or a shape mismatch (an RCM of another size or
-    resolution), raises ValueError naming the problem. Returns the list of transferred keys.
-    """
+    """`epg`'s encoder from an RCM state dict (§3.3: the projector is discarded, the rest stays fresh); exactly the
+    encoder tensors must transfer, else ValueError. -> the transferred keys."""
     encoder_keys = {k for k in epg.state_dict() if k.startswith("encoder.")}
     available = {k for k in rcm_state if k.startswith("encoder.")}
     missing = sorted(encoder_keys - available)
@@ -379,21 +332,15 @@ def load_encoder_from_rcm(epg, rcm_state):
     return sorted(encoder_keys)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Counting: parameters and forward multiply-accumulates
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Counting: parameters and forward multiply-accumulates ----
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
 def count_macs(model, image_size):
-    """Forward multiply-accumulates of one image, counted with forward hooks during one forward pass.
-
-    Returns dict(linear=..., attention=...): `linear` counts every Linear and Conv2d (the convention of the paper's
-    GFLOPs, which follows DiT and matches Table 1/2 to within 1%), `attention` the two attention matmuls (QK^T and
-    AV), 2 * T^2 * D per attention layer. Hardware FLOPs of a forward pass = 2 * (linear + attention).
-    """
+    """Forward multiply-accumulates of one image, by hooks: `linear` of every Linear and Conv2d (the paper's GFLOPs,
+    DiT's convention, Tables 1/2 within 1%), `attention` of QK^T and AV (2 T^2 D per layer); FLOPs are twice these."""
     macs = {"linear": 0, "attention": 0}
 
     def linear_hook(m, inputs, output):
@@ -441,8 +388,7 @@ PAPER_MODELS = [
 
 
 def build_on_meta(kind, name, image_size, num_classes=1000):
-    """Build a model without allocating memory (for counting the large ones)."""
-    with torch.device("meta"):
+    with torch.device("meta"):                      # no memory allocated: for counting the large models
         return build_epg(name, image_size, num_classes) if kind == "epg" else build_rcm(name, image_size)
 
 
