@@ -1,7 +1,6 @@
-"""The training data path of EPG: normalisation, image folders (ImageNet layout), MoCo v3 views as torchvision
-transforms, and a deterministic, resumable, DDP-sharded batch stream. Without --data every script reads the embedded
-data set of shapes.py. Images travel as uint8 tensors (3, H, W) until the views turn them into normalised floats.
-"""
+"""The training data path of EPG: normalisation, image folders (ImageNet layout), MoCo v3 views, and a deterministic,
+resumable, DDP-sharded batch stream; without --data, the embedded data set of shapes.py. Images travel as uint8
+tensors (3, H, W) until the views turn them into normalised floats."""
 import functools
 import itertools
 import os
@@ -19,10 +18,7 @@ import trainlib
 DataError = trainlib.UserError          # a data problem is the user's to fix: one line, exit code 2
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Normalisation
-# ---------------------------------------------------------------------------------------------------------------------
-
+# ---- Normalisation ----
 NORMALIZATIONS = ("simple", "imagenet")
 # model = (x01 - shift) / scale.  simple: 2x - 1 (EDM).  imagenet: the official code's std="imagenet", the ImageNet
 # mean and *twice* the ImageNet std (per channel about zero mean, std 0.5 = sigma_data).
@@ -38,7 +34,7 @@ def _shift_scale(mode, like):
 
 
 def normalize(x01, mode="simple"):
-    """Pixels in [0, 1], float (..., 3, H, W) -> model space."""
+    """Float pixels in [0, 1] (..., 3, H, W) -> model space."""
     shift, scale = _shift_scale(mode, x01)
     return (x01 - shift) / scale
 
@@ -50,21 +46,20 @@ def denormalize(x, mode="simple"):
 
 
 def data_range(mode="simple"):
-    """(lo, hi): float tensors (3,) = normalize(0), normalize(1): the box the sampler clamps to."""
+    """(normalize(0), normalize(1)), each (3,): the box the sampler clamps to."""
     return normalize(torch.zeros(3, 1, 1), mode).flatten(), normalize(torch.ones(3, 1, 1), mode).flatten()
 
 
 def to_uint8_hwc(x, mode="simple"):
-    """Model space (N, 3, H, W) -> uint8 numpy (N, H, W, 3): denormalize, clamp to [0, 1], * 255, round.
-    The one quantisation used for saved samples and FID."""
+    """Model space (N, 3, H, W) -> uint8 numpy (N, H, W, 3): the one quantisation of saved samples and FID."""
     x = x.unsqueeze(0) if x.dim() == 3 else x
     pixels = denormalize(x.detach().float(), mode).clamp(0.0, 1.0).mul(255.0).round()
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images, path, columns):
-    """Tile uint8 images (N, H, W, 3) into one PNG, `columns` per row, 2 px white gaps (torchvision's make_grid);
-    written atomically (the final grid marks a finished run)."""
+    """uint8 images (N, H, W, 3) tiled into one PNG, 2 px white gaps, written atomically (a final grid marks a
+    finished run)."""
     from torchvision.utils import make_grid
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=columns, padding=2,
                      pad_value=255)
@@ -72,7 +67,7 @@ def save_grid(images, path, columns):
 
 
 def class_grid(images, labels, path, max_classes=10, per_class=10):
-    """One row per class (the first `max_classes` classes present), up to `per_class` images each, blanks white."""
+    """One row per class (the first `max_classes` present), up to `per_class` images each, blanks white."""
     rows = []
     for label in sorted(set(labels.tolist()))[:max_classes]:
         picked = list(np.flatnonzero(labels == label)[:per_class])
@@ -80,14 +75,7 @@ def class_grid(images, labels, path, max_classes=10, per_class=10):
     save_grid(np.stack(rows), path, per_class)
 
 
-# Stream tags, so that different uses of the same (seed, index) never share random numbers.
-_TAG_PERMUTATION, _TAG_AUGMENT = 12, 13
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Image folders
-# ---------------------------------------------------------------------------------------------------------------------
-
+# ---- Image folders ----
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # matched case-insensitively (.JPEG, .PNG, ...)
 
 
@@ -103,12 +91,9 @@ def _rgb(image):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class_name>/<.png .jpg .jpeg files> -> (uint8 (3, S, S), label = index of the sorted class folder).
-
-    Images should be S x S already (`python tools/prepare.py`); a few files are checked at start (DataError naming
-    the prepare command), a wrong-sized file met later is center-cropped on the fly.  Any mode is converted to RGB.
-    A corrupt file is reported once on stderr and replaced by the next readable item (i+1, i+2, ...).
-    """
+    """root/<class_name>/<images> -> (uint8 (3, S, S), index of the sorted class folder), any mode made RGB. Images
+    should be S x S already (tools/prepare.py): a few are checked at start, a wrong-sized one met later is
+    center-cropped on the fly. A corrupt file is reported once and replaced by the next readable item."""
 
     def __init__(self, root, image_size):
         self.root, self.image_size = Path(root), int(image_size)
@@ -182,7 +167,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
 
     def load_item(self, i):
-        """-> (uint8 (3, S, S), label, number of corrupt files skipped to find a readable one)."""
+        """-> (image, label, corrupt files skipped to find a readable one)."""
         for skipped in range(len(self)):
             j = (i + skipped) % len(self)
             try:
@@ -196,16 +181,16 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def load_item(dataset, i):
-    """(uint8 image (3, H, W), label, corrupt files skipped) of item i of any (image, label) data set."""
+    """(image, label, corrupt files skipped) of item i of any (image, label) data set."""
     if hasattr(dataset, "load_item"):
         return dataset.load_item(i)
     image, label = dataset[i]
     return image, int(label), 0
 
 
-def build_dataset(data_dir, image_size, split="train", seed=0, val_dir=None):
-    """data_dir None -> EmbeddedShapes(split).  Otherwise an ImageFolder: train = DIR/train if it exists, else DIR;
-    val = val_dir, else DIR/val when DIR/train and DIR/val exist (so no class may be called "train")."""
+def build_dataset(data_dir, image_size, split="train", seed=0):
+    """data_dir None: EmbeddedShapes(split); else an ImageFolder: train = DIR/train if it exists, else DIR; val =
+    DIR/val when DIR/train and DIR/val exist (so no class may be called "train")."""
     if split not in shapes.SPLITS:
         raise DataError(f"unknown split {split!r}; choose 'train' or 'val'")
     if data_dir is None:
@@ -214,29 +199,24 @@ def build_dataset(data_dir, image_size, split="train", seed=0, val_dir=None):
     split_layout = (data_dir / "train").is_dir()
     if split == "train":
         return ImageFolder(data_dir / "train" if split_layout else data_dir, image_size)
-    if val_dir is not None:
-        return ImageFolder(val_dir, image_size)
     if split_layout and (data_dir / "val").is_dir():
         return ImageFolder(data_dir / "val", image_size)
-    raise DataError(f"no validation images for {data_dir}: pass a validation folder or use the layout "
-                    f"{data_dir}/train/<class>/... + {data_dir}/val/<class>/...")
+    raise DataError(f"no validation images for {data_dir}: use the layout {data_dir}/train/<class>/... + "
+                    f"{data_dir}/val/<class>/...")
 
 
 def identity(dataset):
-    """What defines a data set for resume checks: its class names (or count) and image count, not its path."""
+    """What defines a data set for resume checks: class names (or count) and image count, not its path."""
     return {"classes": list(getattr(dataset, "classes", None) or range(dataset.num_classes)), "images": len(dataset)}
 
 
 def class_counts(dataset):
-    """Images per class of an image folder (a list), or None where classes are equally likely (embedded data)."""
+    """Images per class of an image folder, or None where classes are equally likely (embedded data)."""
     labels = getattr(dataset, "_labels", None)
     return None if labels is None else np.bincount(labels, minlength=dataset.num_classes).tolist()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Training views (paper Tables 10 and 11)
-# ---------------------------------------------------------------------------------------------------------------------
-
+# ---- Training views (paper Tables 10 and 11) ----
 class _GaussianBlur:
     """MoCo v3's blur: PIL's Gaussian blur with sigma ~ U(sigma) pixels, drawn from torch's global RNG."""
 
@@ -266,13 +246,10 @@ def moco_views(height, width):
 
 
 def augment(img, seed, views="pretrain", mode="simple"):
-    """Normalised float32 (3, H, W) views of one uint8 (3, H, W) image; all randomness from `seed` alone.
-
-    views="finetune": {"image"}: horizontal flip w.p. 0.5.  views="pretrain": {"clean": the same flip (consistency
-    branch), "view1", "view2": the MoCo v3 views (contrastive branch)}.  torchvision draws from torch's global CPU
-    RNG, so it is re-seeded here inside fork_rng, which restores the caller's state afterwards (only the CPU
-    generator: torch.manual_seed would also re-seed every GPU's RNG, which the training loop draws its noise from).
-    """
+    """Normalised float32 views of one uint8 (3, H, W) image, all randomness from `seed`: finetune {"image": flipped
+    w.p. 0.5}; pretrain {"clean": the same flip (consistency branch), "view1", "view2": MoCo v3's views}.
+    torchvision draws from the global CPU RNG, so only that generator is re-seeded, inside fork_rng (torch.manual_seed
+    would also re-seed the GPUs' RNG, which the training loop draws its noise from)."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         out = {"image" if views == "finetune" else "clean": v2.RandomHorizontalFlip()(img)}
@@ -283,12 +260,12 @@ def augment(img, seed, views="pretrain", mode="simple"):
     return {name: normalize(x.float() / 255.0, mode) for name, x in out.items()}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The training stream
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- The training stream ----
+_TAG_PERMUTATION, _TAG_AUGMENT = 12, 13        # stream tags: different uses of one (seed, index) never share numbers
+
 
 def _step_positions(global_batch, rank, world, start_step):
-    """Batch sampler: the global positions that rank `rank` of `world` reads at steps start_step, start_step + 1, ..."""
+    """Batch sampler: the global positions that `rank` reads at steps start_step, start_step + 1, ..."""
     size = global_batch // world
     for step in itertools.count(start_step):
         first = step * global_batch + rank * size
@@ -318,33 +295,19 @@ class _Samples(torch.utils.data.Dataset):
 
 class BatchStream:
     """Endless stream of training batches: the batch of step k depends only on (seed, k), whatever the number of
-    processes or workers, and whether the run was resumed at start_step=k.
-
-    Step k reads global positions k*B ... (k+1)*B-1 of a sequence of epochs (see _Samples); rank r of `world` gets
-    the r-th of `world` equal slices.  Yields, b = global_batch // world:
-      views="pretrain": {"clean", "view1", "view2": float (b, 3, H, W), "label": int64 (b,), "num_corrupt": int}
-      views="finetune": {"image": float (b, 3, H, W), "label": int64 (b,), "num_corrupt": int}
-    num_corrupt counts unreadable files replaced in the batch (summed in `.num_corrupt`).  `.step` is the step of the
-    next batch: checkpoint it and pass it back as start_step.  Iterating again continues from `.step`.
-    """
+    processes or workers, and whether the run was resumed at start_step=k. Step k reads global positions k*B ...
+    (k+1)*B-1 of a sequence of epochs (_Samples), rank r the r-th of `world` equal slices. Yields dicts of (B/world,
+    ...) tensors: "clean", "view1", "view2" (pretrain) or "image" (finetune), "label", and "num_corrupt", the number
+    of unreadable files replaced (summed in `.num_corrupt`); `.step` is the step of the next batch."""
 
     def __init__(self, dataset, global_batch, rank=0, world=1, seed=0, views="finetune", mode="simple",
                  start_step=0, num_workers=0, pin_memory=False):
-        if not isinstance(global_batch, int) or global_batch <= 0:
-            raise DataError(f"global batch size must be a positive integer, got {global_batch!r}")
-        if world <= 0 or not 0 <= rank < world:
-            raise DataError(f"rank {rank} is not in a world of {world} processes")
-        if global_batch % world != 0:
-            raise DataError(f"global batch size {global_batch} is not divisible by the {world} processes; "
-                            f"use a multiple of {world}")
-        if views not in ("pretrain", "finetune"):
-            raise DataError(f"unknown views {views!r}; choose 'pretrain' or 'finetune'")
-        if mode not in NORMALIZATIONS:
-            raise DataError(f"unknown normalization {mode!r}; choose one of {', '.join(NORMALIZATIONS)}")
-        if len(dataset) == 0:
-            raise DataError("the data set is empty")
-        if seed < 0 or start_step < 0 or num_workers < 0:
-            raise DataError("seed, start_step and num_workers must be >= 0")
+        if global_batch <= 0 or global_batch % world:          # the scripts' flags are checked before (trainlib)
+            raise DataError(f"global batch size {global_batch} must be positive and divisible by the {world} "
+                            f"processes")
+        if views not in ("pretrain", "finetune") or mode not in NORMALIZATIONS:
+            raise DataError(f"unknown views {views!r} or normalization {mode!r}: choose pretrain or finetune, and "
+                            f"{' or '.join(NORMALIZATIONS)}")
         self.dataset, self.global_batch, self.rank, self.world = dataset, global_batch, rank, world
         self.seed, self.views, self.mode = int(seed), views, mode
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
@@ -363,10 +326,7 @@ class BatchStream:
             yield batch
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# ADM center crop, data preparation, preview and the command line
-# ---------------------------------------------------------------------------------------------------------------------
-
+# ---- ADM center crop, kNN probe images ----
 def adm_center_crop(pil_image, image_size):
     """ADM's center_crop_arr (the paper's preprocessing), PIL -> RGB PIL image_size x image_size: BOX-halve while
     the short side is >= 2 * image_size, BICUBIC-resize the short side to image_size, crop the center."""
@@ -380,9 +340,8 @@ def adm_center_crop(pil_image, image_size):
 
 
 def probe_sets(data_dir, image_size, mode, seed, bank_size, num_queries):
-    """Images of a kNN probe: (bank, queries, noise), bank and queries (normalised float images (N, 3, H, W),
-    labels (N,)). Bank: train images; queries: the held-out split, or else a fixed fifth of the train images,
-    disjoint from the bank; noise: fixed standard normal noise of the queries' shape."""
+    """(bank, queries, noise) of a kNN probe, bank and queries (normalised images, labels): train images against the
+    held-out split, or else a fixed fifth of the train images outside the bank; noise: fixed, of the queries' shape."""
     train = build_dataset(data_dir, image_size, "train", seed)
     try:
         held_out = build_dataset(data_dir, image_size, "val", seed)
