@@ -16,7 +16,7 @@ the `mu_s`/`sigma_s` of ADM reference batches are comparable.
 
 Resize (uint8 images of any size in):
     --resize tf (default)  TF1 bilinear resize of [0, 255] to 299 (no half-pixel offset, as the ADM evaluator's graph
-                           and torch-fidelity), then (x - 128) / 128. Use it to compare with ADM batches and papers.
+                           and torch-fidelity), then (x - 128) / 128: comparable with ADM batches and papers.
     --resize pytorch-fid   x / 255, F.interpolate(bilinear) to 299, 2x - 1: pytorch-fid's numbers.
 
 SAMPLES and REFERENCE may each be a folder of .png/.jpg/.jpeg images (sorted by name, one size); a sample npz
@@ -35,7 +35,6 @@ used with a warning. The embedded shapes data set is scored without Inception: `
 """
 import argparse
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import math
@@ -55,6 +54,8 @@ import torch.nn.functional as F
 from scipy import linalg
 from torchvision.models import inception
 
+import trainlib
+
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_FILENAME_TORCH_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILENAME
@@ -68,13 +69,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features", "logits")
 
 
-class MetricsError(Exception):
-    """A problem with the user's input (files, flags) that deserves a one-line message, not a traceback."""
+MetricsError = trainlib.UserError      # a problem with the user's files or flags: one line, exit code 2
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The FID Inception-v3 (the 2015-12-05 TF graph as pytorch-fid ports it)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The FID Inception-v3 (the 2015-12-05 TF graph as pytorch-fid ports it) ----
 def tf_avg_pool_3x3(x):
     """3x3/1 average pool whose border windows average only real pixels (TF 'SAME'; torchvision counts the pad)."""
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
@@ -126,12 +124,9 @@ class InceptionE(inception.InceptionE):
 
 
 def resize_bilinear_tf1(images, size=INCEPTION_SIZE):
-    """TensorFlow 1.x `ResizeBilinear` (align_corners=False, half_pixel_centers=False), as in the FID graph.
-
-    Output pixel i samples the input at src = i * (in / out) (no half-pixel offset, unlike F.interpolate), from
-    rows/columns floor(src) and min(floor(src) + 1, in - 1). The scale is a float32 division as in TF.
-    images: (N, C, H, W) float. Returns (N, C, size, size) of the same dtype.
-    """
+    """TensorFlow 1.x `ResizeBilinear` (align_corners=False, half_pixel_centers=False) of the FID graph, (N, C, H, W):
+    output pixel i samples the input at src = i * (in / out) (a float32 scale, no half-pixel offset, unlike
+    F.interpolate), from rows/columns floor(src) and min(floor(src) + 1, in - 1)."""
     def sample_positions(in_len):
         scale = torch.tensor(in_len, dtype=torch.float32) / torch.tensor(size, dtype=torch.float32)
         src = torch.arange(size, dtype=torch.float32) * scale
@@ -149,7 +144,7 @@ def resize_bilinear_tf1(images, size=INCEPTION_SIZE):
 
 
 def preprocess_for_inception(images_uint8, resize="tf"):
-    """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) in [-1, 1] (see the module docstring for the two modes)."""
+    """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) in [-1, 1] (the two modes: module docstring)."""
     if resize == "tf":
         return (resize_bilinear_tf1(images_uint8.float(), INCEPTION_SIZE) - 128) / 128
     x = F.interpolate(images_uint8.float() / 255, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
@@ -191,18 +186,15 @@ class FIDInceptionV3(inception.Inception3):
         return {"pool": pool, "spatial": spatial, "logits": logits}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Weights: found locally, checked, never downloaded
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Weights: found locally, checked, never downloaded ----
 def sha256_of_file(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def find_inception_weights(path=None):
-    """Path of the Inception weights: `path`, else $EPG_INCEPTION, else the torch hub cache (whose file must have the
-    sha256 prefix 6726825d; an explicitly given file that does not only triggers a warning, so that test weights
-    can be used)."""
+    """`path`, else $EPG_INCEPTION, else the torch hub cache, whose file must have the sha256 prefix 6726825d (a file
+    given explicitly that does not only triggers a warning, so that test weights can be used)."""
     explicit = path or os.environ.get("EPG_INCEPTION")
     if explicit:
         explicit = Path(explicit).expanduser()
@@ -228,8 +220,8 @@ def find_inception_weights(path=None):
 
 
 def load_inception(path=None, device="cpu", resize="tf"):
-    """FIDInceptionV3 in eval mode with the weights of find_inception_weights(path), loaded strictly (up to
-    BatchNorm's num_batches_tracked counters, which pytorch-fid's file lacks)."""
+    """FIDInceptionV3 in eval mode, loaded strictly up to BatchNorm's num_batches_tracked (pytorch-fid's file lacks
+    them)."""
     path = find_inception_weights(path)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -252,9 +244,7 @@ def load_inception(path=None, device="cpu", resize="tf"):
     return model.eval().requires_grad_(False).to(device)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Inputs: image folders, sample npz files, ADM reference batches, statistics files
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Inputs: image folders, sample npz files, ADM reference batches, statistics files ----
 class FolderImages:
     """The .png/.jpg/.jpeg images of a folder, sorted by name; read(start, stop) -> uint8 (n, H, W, 3)."""
 
@@ -322,7 +312,6 @@ class NpzImages:
 
 
 def check_statistics(stats, source):
-    """Validate the arrays of a statistics / reference file; raises MetricsError naming the problem."""
     for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mean_key in stats) != (cov_key in stats):
             present, absent = (mean_key, cov_key) if mean_key in stats else (cov_key, mean_key)
@@ -343,9 +332,8 @@ def check_statistics(stats, source):
 
 
 class EvalInput:
-    """One side of the comparison: images (FolderImages / NpzImages, or None for a statistics file), stats (arrays
-    among STATS_KEYS, mu/sigma in float64), resize (recorded in a statistics file, else None) and image_size ((H, W),
-    or None when unknown)."""
+    """One side of the comparison: images (FolderImages / NpzImages, None for statistics), stats (arrays among
+    STATS_KEYS, mu/sigma float64), the recorded resize and image_size (H, W), where known."""
 
     def __init__(self, name, images=None, stats=None, resize=None, image_size=None):
         self.name, self.images, self.stats, self.resize = name, images, stats or {}, resize
@@ -378,9 +366,7 @@ def open_input(path):
     return EvalInput(str(path), images=images, stats=stats, resize=resize, image_size=image_size)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Feature extraction, sharded over the ranks of torchrun
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Feature extraction, sharded over the ranks of torchrun ----
 def dist_rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -401,10 +387,9 @@ def all_gather_rows(local, total):
 
 @torch.no_grad()
 def extract_features(model, images, batch_size=100, device="cpu", progress=True, description="features"):
-    """Run `model` (uint8 (n, 3, H, W) -> dict of (n, D) features) over FolderImages / NpzImages. Under torchrun each
-    rank takes one contiguous block of images, gathered in rank order: the result is in image order and, up to the
-    float32 rounding of other batch compositions, independent of the number of ranks. TF32 is off.
-    Returns float32 numpy arrays (N, D)."""
+    """{key: float32 numpy (N, D)} of `model` (uint8 (n, 3, H, W) -> {key: (n, D)}) over FolderImages / NpzImages,
+    TF32 off. Each rank of torchrun takes a contiguous block, gathered in rank order: the result is in image order
+    and, up to float32 rounding, independent of the number of ranks."""
     from tqdm import tqdm
     rank, world = dist_rank_world()
     total = len(images)
@@ -429,9 +414,7 @@ def extract_features(model, images, batch_size=100, device="cpu", progress=True,
     return {key: all_gather_rows(torch.cat(chunks), total).cpu().numpy() for key, chunks in outputs.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The metrics
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The metrics ----
 def gaussian_statistics(features):
     """Mean (D,) and unbiased covariance (D, D), float64, of features (N, D)."""
     features = np.asarray(features, dtype=np.float64)
@@ -528,9 +511,7 @@ def precision_recall(real_features, fake_features, k=PR_NEIGHBOURS, device="cpu"
     return precision, recall
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Statistics of an input, the full evaluation, and the files written
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Statistics of an input, the full evaluation, and the files written ----
 def input_statistics(source, model, batch_size=100, device="cpu", progress=True):
     """mu, sigma, mu_s, sigma_s, pool_features, logits of one input, as far as they can be had. Precomputed ones win:
     an ADM reference batch's statistics describe the whole data set, its arr_0 only a 10k subset."""
@@ -547,8 +528,7 @@ def input_statistics(source, model, batch_size=100, device="cpu", progress=True)
 
 
 def evaluate(samples, reference, model, batch_size=100, device="cpu", progress=True):
-    """All metrics computable from two EvalInputs, in print order: FID, sFID, IS, Precision, Recall.
-    Returns (metrics, notes about metrics that could not be computed); both empty on ranks other than 0."""
+    """(metrics computable from two EvalInputs: FID, sFID, IS, Precision, Recall; notes on the others), rank 0."""
     sample_stats = input_statistics(samples, model, batch_size, device, progress)
     reference_stats = input_statistics(reference, model, batch_size, device, progress)
     metrics, notes = {}, []
@@ -598,39 +578,20 @@ def check_destination(path, needed_bytes):
                            f"'{folder}' has {free / 1e6:.3g} MB free")
 
 
-def write_atomically(path, write):
-    """write(binary file) into a temporary file beside `path`, fsync, rename: `path` ends up complete or untouched."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise MetricsError(f"could not write '{path}' ({e.strerror or e}); free disk space or choose another "
-                           f"file") from None
-
-
 def save_statistics(path, stats, resize, image_size):
     """Write a statistics file (keys: see the module docstring) atomically."""
     arrays = {key: stats[key] for key in STATS_KEYS if key in stats}
-    write_atomically(path, lambda f: np.savez(f, resize=np.array(resize), image_size=np.array(image_size), **arrays))
+    trainlib.write_atomically(path, lambda f: np.savez(f, resize=np.array(resize), image_size=np.array(image_size),
+                                                       **arrays))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Command line ----
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("samples", metavar="SAMPLES",
-                        help="generated images: a folder of png/jpg, an npz with arr_0 (N,H,W,3) uint8, or a "
-                             "statistics file from --save-stats")
+    parser.add_argument("samples", metavar="SAMPLES", help="a folder of png/jpg, a sample npz or a statistics file")
     parser.add_argument("reference", metavar="REFERENCE", nargs="?",
-                        help="an ADM reference batch npz, a statistics file, a sample-style npz or a folder; not "
-                             "used with --save-stats")
+                        help="an ADM reference batch, a statistics file, a sample npz or a folder (not with "
+                             "--save-stats)")
     parser.add_argument("--inception", metavar="PATH", default=None,
                         help=f"Inception weights ({INCEPTION_FILENAME}); default: $EPG_INCEPTION, else "
                              f"torch.hub.get_dir()/checkpoints/. Never downloaded")
@@ -651,7 +612,7 @@ def parse_args(argv=None):
 
 
 def setup_device(device):
-    """Initialise torch.distributed under torchrun (WORLD_SIZE > 1) and pick this rank's device."""
+    """torch.distributed under torchrun (WORLD_SIZE > 1), and this rank's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
@@ -701,19 +662,11 @@ def run(args):
         for name, value in metrics.items():
             print(f"{name}: {value:.8g}")
         if args.out:
-            write_atomically(args.out, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
+            trainlib.write_atomically(args.out, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except MetricsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    trainlib.cli_main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,8 @@ DataError = trainlib.UserError
 _TAG_SHAPES = 11
 SPLITS = {"train": 0, "val": 1}
 
-# Embedded data set: procedurally drawn shapes
-# ---------------------------------------------------------------------------------------------------------------------
 
+# ---- Embedded data set: procedurally drawn shapes ----
 def _regular_polygon(corners, phase, radii=(1.0,)):
     """Unit polygon: `corners` vertices on circles of the given radii (cycled), first vertex at angle `phase`."""
     angles = phase + 2.0 * math.pi * np.arange(corners) / corners
@@ -62,14 +61,11 @@ SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "hexag
 
 
 class EmbeddedShapes(torch.utils.data.Dataset):
-    """The default data set, drawn in code: deterministic per (seed, split, index); returns (uint8 (3, H, W), label).
-
-    Item i shows shape i % 10 (every prefix of 10 items is balanced) with a random colour (hue around a class centre,
-    overlapping between classes), size (radius 30-40 % of the image), position (centre within +-8 % of the middle),
-    a rotation of at most 15 degrees, background (flat, gradient, smooth colour noise or soft stripes) and a little
-    pixel noise.  Shapes are drawn 4x (2x above 64 px) larger and box-downsampled (anti-aliased at every
-    resolution).  The split is part of the seed, so train and val differ.
-    """
+    """The default data set, drawn in code, deterministic per (seed, split, index): item i -> (uint8 (3, H, W), label
+    i % 10) shows its shape with a random colour (hue around a class centre, overlapping between classes), radius
+    30-40 % of the image, centre within +-8 % of the middle, a rotation of at most 15 degrees, a background (flat,
+    gradient, smooth colour noise or soft stripes) and a little pixel noise. Shapes are drawn 4x (2x above 64 px)
+    larger and box-downsampled (anti-aliased at every resolution)."""
 
     num_classes = 10
     classes = list(SHAPE_CLASSES)
@@ -79,8 +75,6 @@ class EmbeddedShapes(torch.utils.data.Dataset):
             raise DataError(f"unknown split {split!r}; choose 'train' or 'val'")
         if int(image_size) < 8:
             raise DataError(f"image size {image_size} is too small for the embedded data set; use 8 or more")
-        if int(seed) < 0:
-            raise DataError(f"seed must be >= 0, got {seed}")
         self.split, self.image_size, self.seed = split, int(image_size), int(seed)
         self.length = int(length) if length is not None else (50_000 if split == "train" else 1_000)
         self.supersample = 4 if self.image_size <= 64 else 2
@@ -99,7 +93,6 @@ class EmbeddedShapes(torch.utils.data.Dataset):
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), label
 
     def _background(self, rng):
-        """(H, W, 3) float32 in [0, 1]."""
         size, kind = self.image_size, rng.integers(4)
         first, second = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
         if kind == 0:  # flat colour
@@ -151,7 +144,6 @@ class EmbeddedShapes(torch.utils.data.Dataset):
         return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0)), dtype=np.float32)
 
     def _render(self, rng, shape):
-        """(H, W, 3) uint8 image of `shape`."""
         label = SHAPE_CLASSES.index(shape)
         background = self._background(rng)
         colour = self._shape_colour(rng, label)
@@ -165,21 +157,12 @@ class EmbeddedShapes(torch.utils.data.Dataset):
         return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reference classifier of the embedded data set: class accuracy and FD_ref (NOT comparable to Inception FID)
-# ---------------------------------------------------------------------------------------------------------------------
-
+# ---- Reference classifier of the embedded data set: class accuracy and FD_ref (NOT comparable to Inception FID) ----
 # Change CLASSIFIER_VERSION whenever the classifier or its training changes (it is the cache key).
 CLASSIFIER_VERSION, CLASSIFIER_RESOLUTION = "v2", 32  # larger inputs are area-downsampled to 32x32
 CLASSIFIER_TRAIN_IMAGES, CLASSIFIER_EPOCHS, CLASSIFIER_BATCH, CLASSIFIER_LR = 8000, 6, 128, 8e-3
 METRIC_NAMES = {"fd_ref": "FD_ref (reference classifier, NOT comparable to Inception FID)",
                 "class_acc": "Class accuracy", "val_acc": "Reference classifier val accuracy"}
-
-
-def default_cache_dir():
-    """$EPG_CACHE, else ~/.cache/epg."""
-    return Path(os.environ.get("EPG_CACHE") or Path.home() / ".cache" / "epg")
 
 
 class ReferenceClassifier(nn.Module):
@@ -258,9 +241,9 @@ def train_reference_classifier(image_size, device="cpu"):
 
 
 def reference_classifier(image_size, device="cpu", cache_dir=None):
-    """The classifier for `image_size` (eval mode, on `device`), loaded from cache_dir (default_cache_dir()), else
-    trained and cached there.  Attributes: image_size, val_acc, val_mu / val_sigma (the val split's features)."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    """The classifier for `image_size` (eval mode) from cache_dir ($EPG_CACHE, else ~/.cache/epg), else trained and
+    cached there; with val_acc and val_mu / val_sigma of the val split's features."""
+    cache_dir = Path(cache_dir or os.environ.get("EPG_CACHE") or Path.home() / ".cache" / "epg")
     path = cache_dir / f"reference_classifier_{CLASSIFIER_VERSION}_{int(image_size)}px.pt"
     classifier = ReferenceClassifier()
     if path.is_file():
@@ -286,10 +269,8 @@ def reference_classifier(image_size, device="cpu", cache_dir=None):
 
 
 def embedded_metrics(images_uint8_nhwc, labels=None, image_size=None, device="cpu", cache_dir=None):
-    """Reference-classifier metrics of images (N, H, W, 3) uint8 (numpy or tensor) of the embedded data set:
-    {"fd_ref": Frechet distance of the classifier features to those of the val split, "class_acc": fraction
-    classified as `labels` (only with labels), "val_acc": the classifier's own val accuracy (the best reachable)}.
-    image_size: the classifier's (default: H; the images must have it)."""
+    """{"fd_ref": Frechet distance of the classifier features to the val split's, "class_acc": fraction classified
+    as `labels` (given labels), "val_acc": the classifier's own (the best reachable)} of uint8 images (N, H, W, 3)."""
     images = torch.as_tensor(np.array(images_uint8_nhwc))
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise DataError(f"the reference classifier needs uint8 images of shape (N, H, W, 3), got {images.dtype} "
@@ -300,14 +281,11 @@ def embedded_metrics(images_uint8_nhwc, labels=None, image_size=None, device="cp
     if tuple(images.shape[1:3]) != (image_size, image_size) or image_size < 8:
         raise DataError(f"images are {images.shape[2]}x{images.shape[1]} but the reference classifier takes square "
                         f"images of the embedded data set's size (8 px or more; here {image_size})")
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"need one integer label per image, got {labels.dtype} labels of shape {labels.shape} "
-                            f"for {len(images)} images")
-        if labels.min() < 0 or labels.max() >= len(SHAPE_CLASSES):
-            raise DataError(f"labels must be classes 0..{len(SHAPE_CLASSES) - 1} of the embedded data set, got "
-                            f"{labels.min()}..{labels.max()}")
+    labels = None if labels is None else np.asarray(labels)
+    if labels is not None and (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"need one integer label per image, got {labels.dtype} labels of shape {labels.shape}")
+    if labels is not None and (labels.min() < 0 or labels.max() >= len(SHAPE_CLASSES)):
+        raise DataError(f"labels must be classes 0..9 of the embedded data set, got {labels.min()}..{labels.max()}")
     classifier = reference_classifier(image_size, device, cache_dir)
     features, logits = classify(classifier, images.permute(0, 3, 1, 2))
     mu, sigma = fid.gaussian_statistics(features.numpy())
@@ -333,9 +311,8 @@ def score(path, device="cpu", cache_dir=None):
     return metrics
 
 
-
 def preview(out, image_size=64, per_class=12, split="train", seed=0, padding=2):
-    """Write a PNG grid of the embedded data set: one row per class, `per_class` examples per row."""
+    """A PNG grid of the embedded data set: one row per class, `per_class` examples per row."""
     dataset = EmbeddedShapes(split=split, image_size=image_size, seed=seed, length=per_class * len(SHAPE_CLASSES))
     step = image_size + padding
     grid = Image.new("RGB", (per_class * step + padding, dataset.num_classes * step + padding), (255, 255, 255))
@@ -345,25 +322,21 @@ def preview(out, image_size=64, per_class=12, split="train", seed=0, padding=2):
             grid.paste(Image.fromarray(image.permute(1, 2, 0).numpy()), (padding + k * step, padding + label * step))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
-    return grid
-
-
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The embedded data set: preview it, or score samples of it with its "
                                                  "reference classifier.")
     commands = parser.add_subparsers(dest="command", required=True)
-    v = commands.add_parser("preview", help="write a PNG grid of the embedded data set (one row per class)")
+    v = commands.add_parser("preview", help="write a PNG grid of the embedded data set (one row per class)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     v.add_argument("--out", required=True, help="output PNG file")
-    v.add_argument("--image-size", type=int, default=64, help="side length of each image in pixels (default: 64)")
-    v.add_argument("--per-class", type=int, default=12, help="examples per class, i.e. columns (default: 12)")
-    v.add_argument("--split", choices=tuple(SPLITS), default="train", help="which split to show (default: train)")
-    v.add_argument("--seed", type=int, default=0, help="data set seed (default: 0)")
-    s = commands.add_parser("score", help="class accuracy and FD_ref of embedded-data-set samples",
-                            description="Class accuracy and FD_ref of samples of the embedded shapes data set, with "
-                                        "its reference classifier (trained once, cached). FD_ref is NOT comparable "
-                                        "to Inception FID: use fid.py for ImageNet samples.")
+    v.add_argument("--image-size", type=int, default=64, help="side length of each image in pixels")
+    v.add_argument("--per-class", type=int, default=12, help="examples per class, i.e. columns")
+    v.add_argument("--split", choices=tuple(SPLITS), default="train", help="which split to show")
+    v.add_argument("--seed", type=int, default=0, help="data set seed")
+    s = commands.add_parser("score", help="class accuracy and FD_ref (NOT comparable to Inception FID: fid.py) of "
+                                          "embedded-data-set samples, by the reference classifier (trained once)")
     s.add_argument("samples", metavar="SAMPLES.npz", help="arr_0: images (N, H, W, 3) uint8; arr_1: labels (optional)")
     s.add_argument("--device", default="cpu", help="device of the classifier (default: cpu)")
     s.add_argument("--cache-dir", default=None, help="classifier cache (default: $EPG_CACHE, else ~/.cache/epg)")
@@ -381,8 +354,8 @@ def main(argv=None):
         for name, value in metrics.items():
             print(f"{METRIC_NAMES[name]}: {value:.8g}")
         if args.out:
-            fid.write_atomically(args.out, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+            trainlib.write_atomically(args.out, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
 
 
 if __name__ == "__main__":
-    trainlib.cli_main(main, fid.MetricsError)
+    trainlib.cli_main(main)
