@@ -8,16 +8,14 @@ consistency sampling (paper §4 "Evaluation"; the samplers themselves are in los
     D = clamp(D_u + w (D_c - D_u)) inside the interval, D_c outside
 
 The grid has no final sigma = 0 (as the official code): 32 Heun steps cost 62 conditional evaluations (+12
-unconditional ones with CFG). Guidance acts where 0.19 < sigma~ / s <= 1.61 (unshifted interval, paper §4); a
-checkpoint may record other defaults (the tiny T preset: CFG 4.0 on every level, as at 32^2 the paper's interval
-guides only sigma~ <= 0.8); flags override them.
+unconditional ones with CFG). Guidance acts where 0.19 < sigma~ / s <= 1.61 (paper §4); a checkpoint may record other
+defaults (the T preset: CFG 4.0 on every level, as at 32^2 the paper's interval guides only sigma~ <= 0.8).
 
-Image i draws its noise from a generator seeded by (seed, i) and its label from one stream over all images, so it is
-the same whatever the batch size or number of processes. Images are drawn in chunks of --batch-size, written to
-OUT/chunks/ atomically as they finish; SIGTERM or Ctrl-C stops after the current chunk (exit code 143 or 130), and an
-interrupted run, rerun with the same command, draws only the missing chunks (and any that a crash left unreadable).
-The result, OUT/samples.npz (ADM format: arr_0 N x H x W x 3 uint8, arr_1 N int64 labels), is written atomically,
-with grid.png (one row per class) and, with --png, one PNG per image.
+Image i draws its noise from a generator seeded by (seed, i) and its label from one stream over all images, whatever
+the batch size or number of processes. Chunks of --batch-size images go to OUT/chunks/ atomically as they finish;
+SIGTERM or Ctrl-C stops after the current chunk, and the same command draws only the missing (or unreadable) ones.
+The result: OUT/samples.npz (ADM format: arr_0 N x H x W x 3 uint8, arr_1 N int64 labels), grid.png (one row per
+class) and, with --png, one PNG per image.
 
     python sample.py --ckpt runs/dm/ckpt_last.pt --num-samples 64 --cfg-scale 2.5 --out runs/samples
     python sample.py --ckpt runs/cm/ckpt_last.pt --num-samples 64 --out runs/samples_cm            # one step
@@ -53,37 +51,30 @@ CONFIG = dict(
 _TAG_IMAGE, _TAG_LABELS = 7919, 7927      # keep the noise and the label streams apart
 
 
-def image_seed(seed, index, tag=_TAG_IMAGE):
-    """The seed of image `index`'s generator: a hash of (seed, index), independent of batching and processes."""
-    return trainlib.mix_seed(seed, index, tag)
-
-
 def initial_noise(seed, indices, shape, draws=1):
-    """Standard normal noise of the images `indices`: (draws, len(indices), *shape) float32 (CPU). Draw 0 becomes
-    x_T; further draws are the noise of later consistency steps."""
+    """Standard normal noise (draws, len(indices), *shape) of the images `indices`, from generators seeded by (seed,
+    index): draw 0 becomes x_T, the others are the noise of later consistency steps."""
     out = torch.empty(draws, len(indices), *shape)
     for j, i in enumerate(indices):
-        g = torch.Generator().manual_seed(image_seed(seed, int(i)))
+        g = torch.Generator().manual_seed(trainlib.mix_seed(seed, int(i), _TAG_IMAGE))
         for k in range(draws):
             out[k, j] = torch.randn(shape, generator=g)
     return out
 
 
 def class_labels(mode, num_samples, num_classes, seed=0, class_counts=None):
-    """Labels of all images, (num_samples,) int64.
-    "random":   drawn in proportion to the training set's class counts when known (as the official sampler), else
-                uniformly; one stream for all images, so label i is fixed by (seed, i);
+    """Labels (num_samples,) of all images:
+    "random":   by the training set's class counts where known (as the official sampler), else uniformly;
     "balanced": label_i = floor(i * C / N): every class gets floor(N / C) or ceil(N / C) images;
     "3,5,7":    a comma-separated list, repeated cyclically.
-    A class-free model (num_classes 0, e.g. the released one-step EPG-L/16) takes its null row, label 0, for
-    random and balanced."""
+    A class-free model (num_classes 0, e.g. the released one-step EPG-L/16) takes its null row, label 0."""
     if num_classes == 0:
         if mode not in ("random", "balanced"):
             raise trainlib.UserError(f"--labels {mode}: this checkpoint is class-free (unconditional); drop --labels "
                                      f"and --class-label")
         return torch.zeros(num_samples, dtype=torch.int64)
     if mode == "random":
-        g = torch.Generator().manual_seed(image_seed(seed, 0, _TAG_LABELS))
+        g = torch.Generator().manual_seed(trainlib.mix_seed(seed, 0, _TAG_LABELS))
         if class_counts is None:
             return torch.randint(num_classes, (num_samples,), generator=g)
         return torch.multinomial(torch.as_tensor(class_counts, dtype=torch.float64), num_samples, True, generator=g)
@@ -102,7 +93,7 @@ def class_labels(mode, num_samples, num_classes, seed=0, class_counts=None):
 
 
 def chunk_intact(file, shape):
-    """Whether a chunk file holds uint8 images of `shape` (a crash without fsync can leave it empty or cut short)."""
+    """Whether a chunk file holds uint8 images of `shape` (a crash can leave it empty or cut short)."""
     try:
         array = np.load(file, mmap_mode="r")
     except Exception:  # noqa: BLE001 - whatever the reading error, the chunk is drawn again
@@ -111,15 +102,13 @@ def chunk_intact(file, shape):
 
 
 def clamp_range(mode, normalize="simple"):
-    """(lo, hi) per channel for --clamp data|official; None for none."""
     return {"none": None, "official": (torch.full((3,), -1.0), torch.full((3,), 1.0)),
             "data": data.data_range(normalize)}[mode]
 
 
 def load_generator(path, weights="ema"):
-    """(EPG in eval mode with the chosen weights, checkpoint config, stage) of a fine-tuning checkpoint. Only the
-    chosen weights are read (memory-mapped, and used in place): the optimiser state and the other weights stay on
-    disk, so a process needs about the size of the EMA weights in host memory (BENCHMARKS.md)."""
+    """(EPG in eval mode, checkpoint config, stage) of a fine-tuning checkpoint. Only the chosen weights are read
+    (memory-mapped, used in place): a process needs about their size in host memory (BENCHMARKS.md)."""
     state = trainlib.load_checkpoint(path, mmap=True)
     stage, cfg = state["stage"], state["config"]
     if stage == "pretrain":
@@ -141,7 +130,7 @@ def load_generator(path, weights="ema"):
 
 
 def generate(model, cfg, indices, labels, args, device, autocast, counter):
-    """Samples of the images `indices` with `labels` (B,): model-space tensor (B, 3, H, W) float32."""
+    """Model-space float32 samples (B, 3, H, W) of the images `indices` with `labels`."""
     size, shift = cfg["image_size"], losses.resolution_shift(cfg["image_size"])
     bounds, labels = clamp_range(args.clamp, cfg.get("normalize", "simple")), labels.to(device)
     if args.sampler == "consistency":
@@ -163,18 +152,16 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint of train_diffusion.py or train_consistency.py")
     p.add_argument("--out", default="runs/samples", help="output directory (samples.npz, grid.png, images/)")
     p.add_argument("--num-samples", type=int, default=CONFIG["num_samples"], help="number of images")
-    p.add_argument("--batch-size", type=int, default=CONFIG["batch_size"],
-                   help="images per chunk and per forward")
+    p.add_argument("--batch-size", type=int, default=CONFIG["batch_size"], help="images per chunk and per forward")
     p.add_argument("--sampler", choices=("heun", "euler", "consistency"), default=None,
                    help="none: heun for diffusion checkpoints, consistency for consistency checkpoints")
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (grid points); none: {CONFIG['steps']} by sampler")
+    recorded = "none: the checkpoint's recorded sampling default, else"
     p.add_argument("--cfg-scale", type=float, default=None,
-                   help="guidance scale w of D_u + w (D_c - D_u); 1 = off (none: the checkpoint's recorded "
-                        f"sampling default, else {CONFIG['cfg_scale']})")
+                   help=f"guidance scale w of D_u + w (D_c - D_u); 1 = off ({recorded} {CONFIG['cfg_scale']})")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only where LO < sigma/s <= HI, unshifted sigma (none: the checkpoint's recorded "
-                        f"sampling default, else {CONFIG['cfg_interval']})")
+                   help=f"guide only where LO < sigma/s <= HI, unshifted ({recorded} {CONFIG['cfg_interval']})")
     p.add_argument("--mid-sigma", type=float, default=CONFIG["mid_sigma"],
                    help="unshifted intermediate level of two-step consistency sampling")
     p.add_argument("--labels", default="random",
@@ -182,8 +169,7 @@ def parse_args(argv=None):
     p.add_argument("--class-label", type=int, default=None, help="every image of this class (same as --labels K)")
     p.add_argument("--weights", choices=("ema", "online"), default="ema", help="EMA or online weights")
     p.add_argument("--clamp", choices=("data", "official", "none"), default=None,
-                   help="clamp D: data = valid normalised range per channel, official = [-1, 1] (none: the "
-                        f"checkpoint's recorded sampling default, else {CONFIG['clamp']})")
+                   help=f"clamp D: data = the normalised range, official = [-1, 1] ({recorded} {CONFIG['clamp']})")
     p.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded by (seed, i)")
     p.add_argument("--png", action="store_true", help="also write one PNG per image to OUT/images/")
     p.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast (default: fp32)")
@@ -203,8 +189,8 @@ def parse_args(argv=None):
 
 
 def resolve_sampler(args, stage, recorded):
-    """Sampler, steps, clamp and guidance from the flags, else the checkpoint's recorded sampling defaults (those of
-    the official scripts in a converted official checkpoint), else CONFIG; check that they fit the checkpoint."""
+    """Sampler, steps, clamp and guidance from the flags, else the checkpoint's recorded sampling defaults (a converted
+    official checkpoint: the official scripts'), else CONFIG; checked against the checkpoint."""
     for key, value in recorded.items():
         if getattr(args, key, 0) is None:
             setattr(args, key, value)
@@ -241,9 +227,7 @@ def main():
     chunks, size = os.path.join(args.out, "chunks"), cfg["image_size"]
     num_chunks = math.ceil(args.num_samples / args.batch_size)
     path = lambda c: os.path.join(chunks, f"{c:06d}.npy")                                 # noqa: E731
-    settings = {k: getattr(args, k) for k in ("ckpt", "num_samples", "batch_size", "sampler", "steps", "cfg_scale",
-                                              "cfg_interval", "mid_sigma", "labels", "weights", "clamp", "seed",
-                                              "bf16")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "class_label", "png", "device", "no_progress")}
     if env.main:
         trainlib.prepare_output(args.out)
         os.makedirs(chunks, exist_ok=True)
