@@ -557,11 +557,6 @@ def evaluate(samples, reference, model, batch_size=100, device="cpu", progress=T
     return metrics, notes
 
 
-def stats_file_bytes(num_images):
-    """About the size of a --save-stats file: two float64 Gaussians and the float32 per-image features."""
-    return 8 * (2048 + 2048 ** 2 + 2023 + 2023 ** 2) + 4 * num_images * (2048 + 1008) + 4096
-
-
 def check_destination(path, needed_bytes):
     """Before any computation: the folder of `path` exists, takes a file, and has `needed_bytes` free."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -629,7 +624,9 @@ def run(args):
     if args.save_stats:
         if samples.images is None:
             raise MetricsError(f"'{args.samples}' already holds statistics and no images; nothing to compute")
-        check_destination(args.save_stats, stats_file_bytes(len(samples.images)))
+        # about the file's size: two float64 Gaussians and the float32 per-image features
+        check_destination(args.save_stats, 8 * (2048 + 2048 ** 2 + 2023 + 2023 ** 2)
+                          + 4 * len(samples.images) * (2048 + 1008) + 4096)
     else:
         reference = open_input(args.reference)
         if None not in (samples.image_size, reference.image_size) and samples.image_size != reference.image_size:

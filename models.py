@@ -353,14 +353,8 @@ def count_macs(model, image_size):
         B, T, D = inputs[0].shape
         macs["attention"] += 2 * B * T * T * D
 
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, Attention):
-            handles.append(m.register_forward_hook(attention_hook))
+    hooks = {nn.Linear: linear_hook, nn.Conv2d: conv_hook, Attention: attention_hook}
+    handles = [m.register_forward_hook(hooks[type(m)]) for m in model.modules() if type(m) in hooks]
     device = next(model.parameters()).device           # the meta device for large models: no memory, no compute
     x = torch.zeros(1, 3, image_size, image_size, device=device)
     c_noise = torch.zeros(1, device=device)

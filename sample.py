@@ -261,9 +261,8 @@ def main():
             x = generate(model, cfg, idx, labels[idx], args, env.device, autocast, counter)
             drawn += len(idx)
             if not torch.isfinite(x).all():
-                raise trainlib.UserError(f"images {idx[0].item()}..{idx[-1].item()} came out NaN/inf: the model or "
-                                         f"the sampling settings are broken (try --clamp data, fp32, a smaller "
-                                         f"--cfg-scale)")
+                raise trainlib.UserError(f"images {idx[0].item()}..{idx[-1].item()} came out NaN/inf: a broken model "
+                                         f"or sampling settings (try --clamp data, fp32, a smaller --cfg-scale)")
             trainlib.write_atomically(path(c), lambda f: np.save(f, data.to_uint8_hwc(x, mode)))
             bar.update(env.world)
         stop = trainlib.preempted(env)

@@ -260,11 +260,9 @@ def reference_classifier(image_size, device="cpu", cache_dir=None):
           f"{cache_dir})", file=sys.stderr)
     classifier = train_reference_classifier(int(image_size), device)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": classifier.state_dict(), "image_size": classifier.image_size,
-                "val_acc": classifier.val_acc, "val_mu": torch.from_numpy(classifier.val_mu),
-                "val_sigma": torch.from_numpy(classifier.val_sigma)}, temporary)
-    os.replace(temporary, path)  # atomic: concurrent processes never read half a file
+    saved = {"state_dict": classifier.state_dict(), "image_size": classifier.image_size, "val_acc": classifier.val_acc,
+             "val_mu": torch.from_numpy(classifier.val_mu), "val_sigma": torch.from_numpy(classifier.val_sigma)}
+    trainlib.write_atomically(path, lambda f: torch.save(saved, f))     # concurrent processes never read half a file
     return classifier
 
 

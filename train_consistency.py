@@ -8,8 +8,7 @@ minimises, per image (losses.consistency_loss + losses.aux_loss):
     1/(t~ - r~) * d( f_theta(x + t~ eps, t~), f_sg(theta)(x + r~ eps, r~) )  +  NT-Xent( W(f_theta(x_t, t~)), sg W(x) )
 
 with d the pseudo-Huber distance, the target computed by the current weights in train mode with the same dropout
-masks, and W a frozen copy of the pre-trained RCM (eq. 9). Table 11: AdamW (0.9, 0.99), wd 0.01, lr 1e-4 / 3e-5 /
-8e-6 (steps 400k, 500k), no clipping, EMA 0.9999, dropout 0.5 after each decoder attention block, batch 1024, 700k.
+masks, and W a frozen copy of the pre-trained RCM (eq. 9). Optimiser settings: CONFIG (Table 11).
 
     python train_consistency.py --model T --init runs/pt/ckpt_last.pt --out runs/cm          # CPU, minutes
     python sample.py --ckpt runs/cm/ckpt_last.pt --steps 1                                   # one-step samples

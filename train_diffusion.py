@@ -8,8 +8,7 @@ x-prediction denoiser (losses.diffusion_loss):
     D = F(c_in(s t_n) x_t, c(s t_n), y),  y -> null class w.p. 0.1        (x-prediction; CFG label dropout)
     L = E[ 1/(t_n - t_{n-1}) * mean_pixels (D - x)^2 ]                     (eq. 1 with Table 9's weighting)
 
-AdamW (0.9, 0.999), lr 1e-4, weight decay 0.01 (none on pos_embed and cls_token), grad-norm clip 0.5, EMA 0.9999,
-batch 1024, 1M steps (Table 11). The checkpoint holds the online and EMA weights; sample.py uses the EMA.
+Optimiser settings: CONFIG (Table 11). The checkpoint holds the online and EMA weights; sample.py uses the EMA.
 
     python train_diffusion.py --model T --init runs/pt/ckpt_last.pt --out runs/dm                # CPU, minutes
     torchrun --nproc_per_node=8 train_diffusion.py --model XL --data /data/imagenet256 \\

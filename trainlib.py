@@ -348,8 +348,7 @@ def _take_over(lock, out):
         print(f"note: taking over the lock of a dead run (pid {pid}) in {out}", file=sys.stderr)
     else:
         raise UserError(f"'{out}' is in use by another run (host {host}, pid {pid}, lease renewed {age:.0f} s ago); "
-                        f"wait for it to finish or choose another --out (the lock of a run that is gone is taken "
-                        f"over once its lease is {_lock_stale_s():.0f} s old)")
+                        f"wait for it to end or choose another --out (a lease is stale after {_lock_stale_s():.0f} s)")
 
 
 def _holds(lock, me):
@@ -661,12 +660,6 @@ def learning_rate(step, args, base_lr):
     return lr * min(1.0, step / args.warmup) if args.warmup > 0 else lr
 
 
-def grad_norm(model):
-    """Global L2 norm of the gradients (a device tensor: no host sync)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-
-
 class Stepper:
     """step(loss): clip the gradient norm (clip > 0; `.norm` is the norm before), then with --skip-nonfinite skip the
     update when the averaged loss or the norm is NaN/inf (restoring the buffers, e.g. BatchNorm statistics, of the
@@ -680,7 +673,11 @@ class Stepper:
 
     def step(self, loss, clip=0.0, step=None):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else grad_norm(self.model)
+        if clip > 0:
+            self.norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:                                      # the same global L2 norm, a device tensor (no host sync)
+            grads = [p.grad for p in params if p.grad is not None]
+            self.norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
         applied = True
         if self.skip and not (torch.isfinite(all_reduce_mean(loss.detach().clone())).all()
                               & torch.isfinite(self.norm)).item():
