@@ -229,11 +229,9 @@ class _GaussianBlur:
 
 @functools.lru_cache(maxsize=None)
 def moco_views(height, width):
-    """MoCo v3's two asymmetric views as torchvision transforms of PIL RGB images:
-    RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) -> ColorJitter(0.4, 0.4, 0.2, 0.1) w.p. 0.8 -> grayscale w.p. 0.2
-    -> Gaussian blur w.p. 1.0 / 0.1 -> solarize (threshold 128) w.p. 0 / 0.2 -> horizontal flip w.p. 0.5.
-    Blur sigma is U(0.1, 2) pixels, as MoCo v3 and the official code draw it at every size from 224 px up; below
-    224 px it shrinks with the image side (the tiny 32 px model: U(0.014, 0.29))."""
+    """MoCo v3's two asymmetric views of PIL RGB images (they differ in blur and solarize). Blur sigma is U(0.1, 2)
+    pixels, as MoCo v3 and the official code draw it at every size from 224 px up; below 224 px it shrinks with the
+    image side (the tiny 32 px model: U(0.014, 0.29))."""
     scale = min(1.0, min(height, width) / 224)
     sigma = (0.1 * scale, 2.0 * scale)
     return tuple(v2.Compose([v2.RandomResizedCrop((height, width), scale=(0.08, 1.0)),

@@ -323,8 +323,7 @@ def preview(out, image_size=64, per_class=12, split="train", seed=0, padding=2):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The embedded data set: preview it, or score samples of it with its "
-                                                 "reference classifier.")
+    parser = argparse.ArgumentParser(description="Preview the embedded data set, or score samples of it.")
     commands = parser.add_subparsers(dest="command", required=True)
     v = commands.add_parser("preview", help="write a PNG grid of the embedded data set (one row per class)",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
