@@ -352,6 +352,7 @@ def _take_over(lock, out):
 
 
 def _holds(lock, me):
+    """Whether `lock` still names this process (False once it is gone or unreadable)."""
     with contextlib.suppress(OSError), open(lock) as f:
         return f.read().strip() == me
     return False
