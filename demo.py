@@ -14,8 +14,8 @@ diffusion the held-out eq. 1 loss (Table 9's proposal and weighting on the valid
 each as mean (min-max) over --seeds.
 
 --headstart: does the pre-trained encoder give fine-tuning a head start, and does fine-tuning keep it? Diffusion
-fine-tunings from RCM-T and from scratch under the T preset's schedule and a gentle one (lr 2.5e-4, warm-up, cosine),
-and with the encoder frozen, all with the same batches and noise; every --every steps the held-out eq. 1 loss by
+fine-tunings from RCM-T and from scratch under four schedules (lr 1e-3 constant; lr 1e-3 with a 300-step warm-up and
+cosine decay; lr 2.5e-4 with the same; lr 1e-3 with the encoder frozen), all with the same batches and noise; every --every steps the held-out eq. 1 loss by
 noise level and the kNN probe of the EMA encoder's [CLS] feature. Writes headstart.json/.md and headstart.png.
 
     python demo.py [--out runs/demo] [--quick]
@@ -203,12 +203,14 @@ def ablation(args, py, log):
 # ----------------------------------------------------------------------------------------------------------------
 # --headstart: is the pre-training kept by fine-tuning, and does it help?
 # ----------------------------------------------------------------------------------------------------------------
-GENTLE = ["--lr", "2.5e-4", "--lr-schedule", "cosine", "--warmup", "300"]
-ARMS = {"rcm_preset": ["--init", "{init}"], "scratch_preset": ["--from-scratch"],
-        "rcm_gentle": ["--init", "{init}", *GENTLE], "scratch_gentle": ["--from-scratch", *GENTLE],
-        "rcm_frozen": ["--init", "{init}", "--freeze-encoder"], "scratch_frozen": ["--from-scratch", "--freeze-encoder"]}
-COLOURS = {"rcm_preset": (31, 90, 200), "scratch_preset": (230, 110, 20), "rcm_gentle": (110, 170, 250),
-           "scratch_gentle": (250, 180, 90), "rcm_frozen": (20, 40, 90), "scratch_frozen": (130, 60, 10)}
+SCHEDULES = {"const": ["--lr", "1e-3", "--lr-schedule", "constant", "--warmup", "0"],
+             "warm": ["--lr", "1e-3", "--lr-schedule", "cosine", "--warmup", "300"],
+             "gentle": ["--lr", "2.5e-4", "--lr-schedule", "cosine", "--warmup", "300"],
+             "frozen": ["--lr", "1e-3", "--lr-schedule", "constant", "--warmup", "0", "--freeze-encoder"]}
+ARMS = {f"{init}_{schedule}": flags for schedule, flags in SCHEDULES.items() for init in ("rcm", "scratch")}
+COLOURS = {"rcm_const": (31, 90, 200), "scratch_const": (230, 110, 20), "rcm_warm": (20, 150, 60),
+           "scratch_warm": (200, 40, 40), "rcm_gentle": (110, 170, 250), "scratch_gentle": (250, 180, 90),
+           "rcm_frozen": (20, 40, 90), "scratch_frozen": (130, 60, 10)}
 
 
 def encoder_probe(image_size, normalize, seed=0):
@@ -236,16 +238,22 @@ def start_model(cfg, init, seed):
 
 def headstart(args, py, log):
     out, every, steps = args.out, args.every, args.dm_steps
-    for pair in (("rcm_preset", "scratch_preset"), ("rcm_gentle", "scratch_gentle"), ("rcm_frozen", "scratch_frozen")):
-        run([[py, "train_diffusion.py", "--model", "T", *(a.format(init=args.init) for a in ARMS[arm]), "--steps",
+    for schedule in SCHEDULES:
+        start = {"rcm": ["--init", args.init], "scratch": ["--from-scratch"]}
+        run([[py, "train_diffusion.py", "--model", "T", *start[arm.split("_")[0]], *ARMS[arm], "--steps",
               str(steps), "--keep-every", str(every), "--ckpt-every", str(every), "--sample-every", "0",
-              "--eval-samples", "0", "--seed", str(args.seeds[0]), "--out", f"{out}/{arm}"] for arm in pair],
+              "--eval-samples", "0", "--seed", str(args.seeds[0]), "--out", f"{out}/{arm}"]
+             for arm in (f"rcm_{schedule}", f"scratch_{schedule}")],
             log, threads=1)
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = trainlib.load_checkpoint(f"{out}/rcm_preset/ckpt_last.pt", "diffusion")["config"]
+    cfg = trainlib.load_checkpoint(f"{out}/rcm_const/ckpt_last.pt", "diffusion")["config"]
     probe = encoder_probe(cfg["image_size"], cfg["normalize"])
     results = {}
     for arm in ARMS:
+        cached = f"{out}/{arm}/evaluation.json"                   # an evaluated arm is not evaluated again
+        if os.path.exists(cached):
+            results[arm] = json.load(open(cached))
+            continue
         results[arm] = []
         for step in range(0, steps + 1, every):
             model = (start_model(cfg, args.init if arm.startswith("rcm") else None, args.seeds[0]) if step == 0
@@ -254,6 +262,7 @@ def headstart(args, py, log):
                 record = {"step": step, **heldout_denoising_loss(None, model=(model, cfg)), **probe(model)}
             results[arm].append(record)
             print(f"{arm} step {step}: held-out loss {record['loss']:.4g}, probe {record['probe_acc']:.3f}", flush=True)
+        trainlib.write_json(cached, results[arm])
     bins = ("t in [0, 0.1)", "t in [0.1, 1)", "t in [1, 10)", "t in [10, inf)")
     rows = ["| arm | step | held-out eq. 1 loss | MSE t in [0, 0.1) | [0.1, 1) | [1, 10) | [10, ∞) | kNN probe clean "
             "| noisy |", "|---|---|---|---|---|---|---|---|---|"]
