@@ -15,8 +15,9 @@ each as mean (min-max) over --seeds.
 
 --headstart: does the pre-trained encoder give fine-tuning a head start, and does fine-tuning keep it? Diffusion
 fine-tunings from RCM-T and from scratch under four schedules (lr 1e-3 constant; lr 1e-3 with a 300-step warm-up and
-cosine decay; lr 2.5e-4 with the same; lr 1e-3 with the encoder frozen), all with the same batches and noise; every --every steps the held-out eq. 1 loss by
-noise level and the kNN probe of the EMA encoder's [CLS] feature. Writes headstart.json/.md and headstart.png.
+cosine decay; lr 2.5e-4 with the same; lr 1e-3 with the encoder frozen), all with the same batches and noise; every
+--every steps the held-out eq. 1 loss by noise level and the kNN probe of the EMA encoder's [CLS] feature; and how
+much of the clean image each starting encoder keeps. Writes headstart.json/.md and headstart.png.
 
     python demo.py [--out runs/demo] [--quick]
     python demo.py --ablation [--out runs/ablation] [--init RCM_CKPT] [--dm-steps 9600] [--cm-steps 1200] [--seeds 0 1]
@@ -83,7 +84,7 @@ def ema_model(ckpt):
 @torch.no_grad()
 def heldout_denoising_loss(ckpt, images=1000, batch=250, seed=0, model=None):
     """Eq. 1 (Table 9 weighting) of the EMA model of a diffusion checkpoint (or of `model`, config) on the first
-    `images` validation images. Returns dict(loss=weighted mean, per_sigma={bin of the unshifted t_n: unweighted MSE})."""
+    `images` validation images. -> dict(loss=weighted mean, per_sigma={bin of the unshifted t_n: unweighted MSE})."""
     model, cfg = model or ema_model(ckpt)
     shift, dataset = losses.resolution_shift(cfg["image_size"]), shapes.EmbeddedShapes("val", cfg["image_size"])
     g, total, bins, edges = torch.Generator().manual_seed(seed), 0.0, {}, [0.0, 0.1, 1.0, 10.0, math.inf]
@@ -182,8 +183,10 @@ def ablation(args, py, log):
         return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} ({min(values):.4g}–{max(values):.4g})"
 
     rows = ["| fine-tuning | init | steps | seeds finite | held-out eq. 1 loss | held-out MSE by t: [0, 0.1) / "
-            "[0.1, 1) / [1, 10) / [10, ∞) | class accuracy | FD_ref (not Inception FID) |", "|---|---|---|---|---|---|---|---|"]
-    for kind, label, steps in (("dm", "diffusion, Heun-32", args.dm_steps), ("cm", "consistency, 1 step", args.cm_steps)):
+            "[0.1, 1) / [1, 10) / [10, ∞) | class accuracy | FD_ref (not Inception FID) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for kind, label, steps in (("dm", "diffusion, Heun-32", args.dm_steps),
+                               ("cm", "consistency, 1 step", args.cm_steps)):
         for v in VARIANTS:
             name = f"{kind}_{v}"
             finite = sum(r[name]["finite"] for r in per_seed.values())
@@ -227,6 +230,27 @@ def encoder_probe(image_size, normalize, seed=0):
     return measure
 
 
+@torch.no_grad()
+def pixel_r2(encoder, image_size, normalize, sigmas=(0.05, 0.5, 2.0), images=600, fit=400):
+    """How much of the clean image an encoder keeps: R^2 of the clean patches predicted linearly (ridge, fitted on
+    `fit` validation images, scored on the rest) from the encoder's final image tokens, at unshifted noise levels."""
+    dataset, shift = shapes.EmbeddedShapes("val", image_size), losses.resolution_shift(image_size)
+    x = data.normalize(torch.stack([dataset[i][0] for i in range(images)]).float() / 255.0, normalize)
+    p = encoder.patch_size
+    target = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(images, -1, 3 * p * p)
+    result = {}
+    for sigma in sigmas:
+        noisy = x + shift * sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        tokens = encoder(*losses.precondition(noisy, torch.full((images,), shift * sigma)))[0][:, 2:]
+        a = torch.cat([tokens, torch.ones_like(tokens[..., :1])], -1)
+        (a_fit, a_test), (y_fit, y_test) = (t.split([fit, images - fit]) for t in (a, target))
+        a_fit, y_fit = a_fit.flatten(0, 1), y_fit.flatten(0, 1)
+        w = torch.linalg.solve(a_fit.T @ a_fit + 1e-3 * torch.eye(a.shape[-1]), a_fit.T @ y_fit)
+        unexplained = ((a_test @ w - y_test) ** 2).sum() / ((y_test - y_fit.mean(0)) ** 2).sum()
+        result[sigma] = round(1 - unexplained.item(), 3)
+    return result
+
+
 def start_model(cfg, init, seed):
     """The EMA model of step 0, built as train_diffusion.py builds it (seeded init, the RCM's encoder)."""
     torch.manual_seed(seed)
@@ -263,8 +287,12 @@ def headstart(args, py, log):
             results[arm].append(record)
             print(f"{arm} step {step}: held-out loss {record['loss']:.4g}, probe {record['probe_acc']:.3f}", flush=True)
         trainlib.write_json(cached, results[arm])
+    r2 = {init: pixel_r2(start_model(cfg, args.init if init == "rcm" else None, args.seeds[0]).encoder,
+                         cfg["image_size"], cfg["normalize"]) for init in ("rcm", "scratch")}
+    print(f"R^2 of the clean patches from the starting encoder's tokens, by sigma: {r2}", flush=True)
     bins = ("t in [0, 0.1)", "t in [0.1, 1)", "t in [1, 10)", "t in [10, inf)")
-    rows = ["| arm | step | held-out eq. 1 loss | MSE t in [0, 0.1) | [0.1, 1) | [1, 10) | [10, ∞) | kNN probe clean "
+    rows = [f"R^2 of the clean patches from the starting encoder's tokens (ridge), by sigma: {r2}", "",
+            "| arm | step | held-out eq. 1 loss | MSE t in [0, 0.1) | [0.1, 1) | [1, 10) | [10, ∞) | kNN probe clean "
             "| noisy |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, records in results.items():
         for r in records:
@@ -278,7 +306,7 @@ def headstart(args, py, log):
                                           results.items()}),
         ("kNN probe of the EMA encoder (clean)", {a: [(r["step"], r["probe_acc"]) for r in rs] for a, rs in
                                                    results.items()})], COLOURS)
-    results = {"init": args.init, "arms": {a: ARMS[a] for a in ARMS}, "results": results,
+    results = {"init": args.init, "arms": {a: ARMS[a] for a in ARMS}, "results": results, "pixel_r2": r2,
                "stages": [{"command": c, "seconds": round(s, 1)} for c, s in log]}
     return results, rows, f"curves: {out}/headstart.png"
 
