@@ -43,8 +43,10 @@ CONFIG = dict(
     grad_clip=0.0,             # gradient-norm clip (0: off, as the paper and the official code)
     momentum=0.99,             # EMA of the momentum encoder (Table 10), constant
     ctr_tau=0.2,               # temperature of the contrastive term (Table 10)
-    tau1=0.1, tau2=0.2,        # tau(t) = tau1 (1 - t) + tau2 t of the consistency term (§3.2, Table 10; 12b: tau2 0.1, 0.5)
-    tau_schedule="annealed",   # tau2 annealed to tau1 (paper); interpolated: tau2 kept; constant: tau1 (official config)
+    tau1=0.1, tau2=0.2,        # tau(t) = tau1 (1 - t) + tau2 t of the consistency term (§3.2, Table 10;
+                               # Table 12b: tau2 0.1, 0.5)
+    tau_schedule="annealed",   # tau2 annealed to tau1 (paper); interpolated: tau2 kept; constant: tau1 (official
+                               # config)
     ctr_weight=1.0,            # weight of the contrastive term of eq. 8 (0: Table 12c "w/o contrast")
     rc_weight=1.0,             # weight of the representation-consistency term (0: Table 12b/c "w/o consistency")
     scales_start=20, scales_end=1280,  # discretisation steps N from 20 to 1280 (Table 9)

@@ -177,3 +177,31 @@ def test_step_generators_are_reproducible_and_distinct():
     c = torch.randn(5, generator=trainlib.step_generator(0, 8, "cpu"))
     d = torch.randn(5, generator=trainlib.step_generator(0, 7, "cpu", stream=1))
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+@pytest.mark.parametrize("script", ["pretrain", "train_diffusion", "train_consistency"])
+def test_every_config_key_is_a_flag_with_its_comment_as_help_and_presets_show_in_help(script):
+    """The CONFIG block is the one source of each hyper-parameter: every key has a flag whose help is the key's
+    comment in the source, and `--model T --help` shows the T preset's values as the defaults."""
+    import importlib
+    import re
+    import subprocess
+    import sys
+    module = importlib.import_module(script)
+    source = open(module.__file__).read()
+    block = source[source.index("CONFIG = dict("):source.index("\n)\n", source.index("CONFIG = dict("))]
+    out = subprocess.run([sys.executable, module.__file__, "--model", "T", "--help"], capture_output=True, text=True,
+                         timeout=120).stdout
+    options = {}  # flag -> its help text, whitespace collapsed
+    for chunk in re.split(r"\n(?=  -)", out.partition("options:")[2]):
+        flag, _, text = " ".join(chunk.split()).partition(" ")
+        options[flag.rstrip(",")] = text
+    for key in module.CONFIG:
+        line = next(l for l in block.splitlines() if re.search(rf"\b{key}=", l))
+        comment = line.partition("#")[2].strip()
+        assert comment, f"{key} has no comment in CONFIG"
+        text = options["--" + key.replace("_", "-")]
+        assert " ".join(comment.split()[:3]) in text, (key, text)
+        shown = module.PRESETS["T"].get(key, module.CONFIG[key])
+        if not isinstance(shown, (list, tuple, dict)):
+            assert f"(default: {shown})" in text, (key, text)
