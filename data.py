@@ -110,12 +110,13 @@ class ImageFolder(torch.utils.data.Dataset):
                 labels += [label] * len(files)
         except OSError as e:
             raise DataError(f"cannot read {e.filename} ({e.strerror}); fix or remove it") from None
+        self.num_classes = len(self.classes)
         if not self.classes:
             raise DataError(f"data directory {self.root} has no class sub-folders; expected DIR/<class_name>/<images> "
                             f"(images of one class can go into a single sub-folder)")
         if not paths:
             raise DataError(f"no images (.png, .jpg, .jpeg) found in the class folders of {self.root}")
-        counts = np.bincount(labels, minlength=len(self.classes))
+        counts = np.bincount(labels, minlength=self.num_classes)
         empty = [name for name, count in zip(self.classes, counts) if not count]
         if empty:
             raise DataError(f"class folders without images in {self.root}: {', '.join(empty)}; every sub-folder is a "
@@ -124,10 +125,6 @@ class ImageFolder(torch.utils.data.Dataset):
         self._paths, self._labels = np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64)
         self._reported = set()
         self._check_sizes()
-
-    @property
-    def num_classes(self):
-        return len(self.classes)
 
     def __len__(self):
         return len(self._paths)
@@ -263,7 +260,7 @@ _TAG_PERMUTATION, _TAG_AUGMENT = 12, 13        # stream tags: different uses of 
 
 
 def _step_positions(global_batch, rank, world, start_step):
-    """Batch sampler: the global positions that `rank` reads at steps start_step, start_step + 1, ..."""
+    """Batch sampler: the r-th of `world` slices of the global positions k*B ... (k+1)*B-1, steps k >= start_step."""
     size = global_batch // world
     for step in itertools.count(start_step):
         first = step * global_batch + rank * size
@@ -292,11 +289,10 @@ class _Samples(torch.utils.data.Dataset):
 
 
 class BatchStream:
-    """Endless stream of training batches: the batch of step k depends only on (seed, k), whatever the number of
-    processes or workers, and whether the run was resumed at start_step=k. Step k reads global positions k*B ...
-    (k+1)*B-1 of a sequence of epochs (_Samples), rank r the r-th of `world` equal slices. Yields dicts of (B/world,
-    ...) tensors: "clean", "view1", "view2" (pretrain) or "image" (finetune), "label", and "num_corrupt", the number
-    of unreadable files replaced (summed in `.num_corrupt`); `.step` is the step of the next batch."""
+    """Endless stream of training batches: the batch of step k depends only on (seed, k) (_step_positions, _Samples),
+    whatever the number of processes or workers, and whether the run was resumed at start_step=k. Yields dicts of
+    (B/world, ...) tensors: "clean", "view1", "view2" (pretrain) or "image" (finetune), "label", and "num_corrupt", the
+    number of unreadable files replaced (summed in `.num_corrupt`); `.step` is the step of the next batch."""
 
     def __init__(self, dataset, global_batch, rank=0, world=1, seed=0, views="finetune", mode="simple",
                  start_step=0, num_workers=0, pin_memory=False):

@@ -1,7 +1,6 @@
-"""Sample-quality metrics: FID, sFID, Inception Score and improved precision/recall.
-
-The numbers follow the evaluator the paper reports against (ADM's, with the 2015-12-05 TensorFlow Inception-v3 graph)
-and are numerically compatible with pytorch-fid / torch-fidelity:
+"""Sample-quality metrics: FID, sFID, Inception Score and improved precision/recall, as the evaluator the paper reports
+against computes them (ADM's, with the 2015-12-05 TensorFlow Inception-v3 graph), numerically compatible with
+pytorch-fid / torch-fidelity:
 
     metric      features (per image)                          statistic
     FID         pool_3, 2048-d                                Frechet distance of Gaussians (float64, unbiased cov)
@@ -9,15 +8,9 @@ and are numerically compatible with pytorch-fid / torch-fidelity:
     IS          softmax(pool_3 @ W), 1008 classes, no bias    exp E[KL(p(y|x) || p(y))], mean over chunks of 5000
     Prec/Rec    pool_3, 2048-d                                k-NN manifolds, k = 3 (Kynkaanniemi et al. 2019)
 
-Network: the FID Inception-v3 as pytorch-fid ports it, with torchvision's parameter names, so pytorch-fid's
-`pt_inception-2015-12-05-6726825d.pth` (and torch-fidelity's file of the same hash) loads strictly. The TF graph's
-`mixed_6/conv` is `Mixed_6d.branch1x1` after its ReLU; like ADM we keep channels [:7] flattened in (h, w, c) order, so
-the `mu_s`/`sigma_s` of ADM reference batches are comparable.
-
-Resize (uint8 images of any size in):
-    --resize tf (default)  TF1 bilinear resize of [0, 255] to 299 (no half-pixel offset, as the ADM evaluator's graph
-                           and torch-fidelity), then (x - 128) / 128: comparable with ADM batches and papers.
-    --resize pytorch-fid   x / 255, F.interpolate(bilinear) to 299, 2x - 1: pytorch-fid's numbers.
+The network loads pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or torch-fidelity's file of the same hash)
+strictly. Resize of the uint8 images (any size) to 299: --resize tf (default), TF1's bilinear resize of the ADM
+evaluator's graph and torch-fidelity, comparable with ADM batches and papers; --resize pytorch-fid, pytorch-fid's.
 
 SAMPLES and REFERENCE may each be a folder of .png/.jpg/.jpeg images (sorted by name, one size); a sample npz
 (`arr_0` (N, H, W, 3) uint8, read memory-mapped); an ADM reference batch (its precomputed `mu`, `sigma`, `mu_s`,
@@ -29,14 +22,12 @@ file of `--save-stats`: `mu`, `sigma` (pytorch-fid's keys), `mu_s`, `sigma_s`, `
     python fid.py SAMPLES --save-stats stats.npz
     torchrun --nproc_per_node 8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz
 
-Inception weights are never downloaded: --inception PATH, else $EPG_INCEPTION, else the torch hub cache
-(torch.hub.get_dir()/checkpoints/). A cached file must have the sha256 prefix 6726825d; a given one that does not is
-used with a warning. The embedded shapes data set is scored without Inception: `python shapes.py score SAMPLES.npz`.
+Inception weights are never downloaded (find_inception_weights). The embedded shapes data set is scored without
+Inception: `python shapes.py score SAMPLES.npz`.
 """
 import argparse
 import concurrent.futures
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -67,8 +58,6 @@ PR_NEIGHBOURS = 3             # k of the k-NN manifold radius (Kynkaanniemi et a
 RESIZE_MODES = ("tf", "pytorch-fid")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features", "logits")
-
-
 MetricsError = trainlib.UserError      # a problem with the user's files or flags: one line, exit code 2
 
 
@@ -84,12 +73,9 @@ class InceptionA(inception.InceptionA):
     """35x35 block (Mixed_5b/c/d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
 
     def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(tf_avg_pool_3x3(x)),
-        ], dim=1)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3dbl, self.branch_pool(tf_avg_pool_3x3(x))], dim=1)
 
 
 class InceptionC(inception.InceptionC):
@@ -104,8 +90,7 @@ class InceptionC(inception.InceptionC):
 
 
 class InceptionE(inception.InceptionE):
-    """8x8 block (Mixed_7b/c) with split 1x3 / 3x1 outputs; its pool is an average (TF 'SAME') in Mixed_7b and a
-    *max* in Mixed_7c (pool="max"), unlike the Inception-v3 paper."""
+    """8x8 block (Mixed_7b/c) with split 1x3 / 3x1 outputs; pool="avg" (TF 'SAME') in Mixed_7b, "max" in Mixed_7c."""
 
     def __init__(self, in_channels, pool):
         super().__init__(in_channels)
@@ -115,12 +100,8 @@ class InceptionE(inception.InceptionE):
         b3 = self.branch3x3_1(x)
         b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.pool == "max" else tf_avg_pool_3x3(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl),
-            self.branch_pool(pooled),
-        ], dim=1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(b3dbl),
+                          self.branch3x3dbl_3b(b3dbl), self.branch_pool(pooled)], dim=1)
 
 
 def resize_bilinear_tf1(images, size=INCEPTION_SIZE):
@@ -132,8 +113,7 @@ def resize_bilinear_tf1(images, size=INCEPTION_SIZE):
         src = torch.arange(size, dtype=torch.float32) * scale
         lo = src.long()                                  # src >= 0: truncation is floor
         hi = (lo + 1).clamp(max=in_len - 1)
-        frac = (src - lo.float()).to(images.dtype)
-        return lo.to(images.device), hi.to(images.device), frac.to(images.device)
+        return lo.to(images.device), hi.to(images.device), (src - lo.float()).to(images.device, images.dtype)
 
     y_lo, y_hi, fy = sample_positions(images.shape[2])
     x_lo, x_hi, fx = sample_positions(images.shape[3])
@@ -143,19 +123,11 @@ def resize_bilinear_tf1(images, size=INCEPTION_SIZE):
     return top + (bottom - top) * fy[:, None]
 
 
-def preprocess_for_inception(images_uint8, resize="tf"):
-    """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) in [-1, 1] (the two modes: module docstring)."""
-    if resize == "tf":
-        return (resize_bilinear_tf1(images_uint8.float(), INCEPTION_SIZE) - 128) / 128
-    x = F.interpolate(images_uint8.float() / 255, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
-                      align_corners=False)
-    return 2 * x - 1
-
-
 class FIDInceptionV3(inception.Inception3):
     """Inception-v3 of the FID graph. forward(uint8 (N, 3, H, W)) -> dict of float32 features per image:
         "pool"    (N, 2048)  pool_3 (FID, precision/recall)
-        "spatial" (N, 2023)  mixed_6/conv = Mixed_6d.branch1x1, channels [:7], flattened in (h, w, c) order (sFID)
+        "spatial" (N, 2023)  mixed_6/conv = Mixed_6d.branch1x1 after its ReLU, channels [:7], flattened in (h, w, c)
+                             order, as ADM: its reference batches' mu_s/sigma_s compare (sFID)
         "logits"  (N, 1008)  pool_3 @ W without the bias, as ADM's Inception Score (softmax/logits/MatMul)
     """
 
@@ -170,7 +142,11 @@ class FIDInceptionV3(inception.Inception3):
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, pool="avg"), InceptionE(2048, pool="max")
 
     def forward(self, images_uint8):
-        x = preprocess_for_inception(images_uint8, self.resize)               # (N, 3, 299, 299)
+        x = images_uint8.float()
+        if self.resize == "tf":                                               # (N, 3, 299, 299) in [-1, 1]
+            x = (resize_bilinear_tf1(x, INCEPTION_SIZE) - 128) / 128
+        else:
+            x = 2 * F.interpolate(x / 255, size=(INCEPTION_SIZE,) * 2, mode="bilinear", align_corners=False) - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))     # (N, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)                          # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                         # (N, 192, 71, 71)
@@ -220,8 +196,7 @@ def find_inception_weights(path=None):
 
 
 def load_inception(path=None, device="cpu", resize="tf"):
-    """FIDInceptionV3 in eval mode, loaded strictly up to BatchNorm's num_batches_tracked (pytorch-fid's file lacks
-    them)."""
+    """FIDInceptionV3 in eval mode, loaded strictly but for BatchNorm's num_batches_tracked (pytorch-fid lacks them)."""
     path = find_inception_weights(path)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -367,15 +342,9 @@ def open_input(path):
 
 
 # ---- Feature extraction, sharded over the ranks of torchrun ----
-def dist_rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def all_gather_rows(local, total):
     """Concatenate each rank's contiguous block of rows (rank order = image order) and trim to `total` rows."""
-    _, world = dist_rank_world()
+    _, world = trainlib.rank_world()
     if world == 1:
         return local
     padded = local.new_zeros((math.ceil(total / world), *local.shape[1:]))
@@ -391,7 +360,7 @@ def extract_features(model, images, batch_size=100, device="cpu", progress=True,
     TF32 off. Each rank of torchrun takes a contiguous block, gathered in rank order: the result is in image order
     and, up to float32 rounding, independent of the number of ranks."""
     from tqdm import tqdm
-    rank, world = dist_rank_world()
+    rank, world = trainlib.rank_world()
     total = len(images)
     per_rank = math.ceil(total / world)
     begin, end = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
@@ -532,7 +501,7 @@ def evaluate(samples, reference, model, batch_size=100, device="cpu", progress=T
     sample_stats = input_statistics(samples, model, batch_size, device, progress)
     reference_stats = input_statistics(reference, model, batch_size, device, progress)
     metrics, notes = {}, []
-    if dist_rank_world()[0] != 0:            # under torchrun the features are shared; rank 0 computes the metrics
+    if trainlib.rank_world()[0] != 0:      # under torchrun the features are shared; rank 0 computes the metrics
         return metrics, notes
 
     def both_have(key, metric):
@@ -636,7 +605,7 @@ def run(args):
         if args.out:
             check_destination(args.out, 4096)
     device = setup_device(args.device)
-    rank = dist_rank_world()[0]
+    rank = trainlib.rank_world()[0]
     progress = not args.no_progress
     if args.save_stats:
         stats = input_statistics(samples, load_inception(args.inception, device, args.resize), args.batch_size,
@@ -659,7 +628,7 @@ def run(args):
         for name, value in metrics.items():
             print(f"{name}: {value:.8g}")
         if args.out:
-            trainlib.write_atomically(args.out, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
+            trainlib.write_json(args.out, metrics)
 
 
 def main(argv=None):

@@ -1,8 +1,7 @@
 """The mathematics of EPG: noise schedules, preconditioning, the four training objectives and the samplers.
 
-Each objective is one function that takes the networks and a batch and returns per-sample losses, as in EDM's
-training/loss.py: `rcm_loss` (eq. 8, pre-training), `diffusion_loss` (eq. 1), `consistency_loss` (eq. 4-5) and
-`aux_loss` (eq. 9). The samplers at the end integrate the same grids (Heun/Euler with interval CFG, consistency steps).
+Each objective is one function of the networks and a batch that returns per-sample losses, as in EDM's
+training/loss.py: `rcm_loss` (eq. 8), `diffusion_loss` (eq. 1), `consistency_loss` (eq. 4-5) and `aux_loss` (eq. 9).
 
 Paper: Lei et al., arXiv 2510.12586, §2-3, eq. 1, 4-10, Tables 9-11. Conventions:
 
@@ -20,6 +19,8 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+import trainlib
 
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 
@@ -78,16 +79,10 @@ def consistency_function(model, x_t, sigma, y, sigma_min):
 
 
 # ---- NT-Xent (eq. 7) and pre-training (eq. 6-8) ----
-def _rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def global_keys(k):
     """Stop-gradient keys (B, D) of this rank -> L2-normalised fp32 keys of the GLOBAL batch (world*B, D)."""
     k = F.normalize(k.detach().float(), dim=-1)
-    rank, world = _rank_world()
+    world = trainlib.rank_world()[1]
     if world == 1:
         return k
     parts = [torch.empty_like(k) for _ in range(world)]
@@ -101,7 +96,7 @@ def nt_xent(q, k, tau, first=None):
     being k[first + i] (a micro-batch's queries still see every key). Negatives: every other key of the global batch;
     no 2*tau factor, no memory queue. tau: float or (B,)."""
     if first is None:
-        k, first = global_keys(k), _rank_world()[0] * q.shape[0]
+        k, first = global_keys(k), trainlib.rank_world()[0] * q.shape[0]
     positive = first + torch.arange(q.shape[0], device=q.device)
     tau = tau.float().reshape(-1, 1) if torch.is_tensor(tau) else tau           # a float stays on the host
     logits = F.normalize(q.float(), dim=-1) @ k.T / tau                             # (B, world*B)
@@ -145,9 +140,7 @@ def rc_noise_pair(batch_size, num_scales, generator=None, shared=False, device="
     sample (paper: n ~ U(0, N)), or with `shared` one n for the whole batch (official code)."""
     count = 1 if shared else batch_size
     n = torch.randint(0, num_scales - 1, (count,), generator=generator).expand(batch_size)
-    sigma_n = karras_sigmas(num_scales, index=n)
-    sigma_next = karras_sigmas(num_scales, index=n + 1)
-    return sigma_n.float().to(device, non_blocking=True), sigma_next.float().to(device, non_blocking=True)
+    return tuple(karras_sigmas(num_scales, index=i).float().to(device, non_blocking=True) for i in (n, n + 1))
 
 
 @torch.no_grad()

@@ -1,7 +1,6 @@
-"""EPG networks: the ViT encoder, the RCM pre-training model and the EPG encoder-decoder.
-
-Paper: "There is No VAE: End-to-End Pixel-Space Generative Modeling via Self-supervised Pre-training"
-(Lei et al., arXiv 2510.12586), Figure 2, Figure 4, Tables 7 and 8.
+"""EPG networks: the ViT encoder, the RCM pre-training model and the EPG encoder-decoder of "There is No VAE:
+End-to-End Pixel-Space Generative Modeling via Self-supervised Pre-training" (Lei et al., arXiv 2510.12586), Figure 2,
+Figure 4, Tables 7 and 8.
 
     RCM (pre-training, Table 8)          EPG (fine-tuning, Table 7, Figure 4)
     ---------------------------          ------------------------------------
@@ -28,7 +27,6 @@ import torch.nn.functional as F
 # pos_embed_init: trunc-normal(0.02) (official code), or MAE's 2-D sin-cos ("sincos", T only: from a near-zero start a
 # few thousand CPU steps barely learn where a token is, and samples are mosaics of 4x4 patches; README, tiny preset).
 MODEL_CONFIGS = {
-    #       depth  enc_dim enc_heads dec_dim dec_heads
     "T":   dict(depth=4, enc_dim=128, enc_heads=4, dec_dim=128, dec_heads=4, tokens_per_side=8,
                 proj_hidden=512, proj_dim=128, pos_embed_init="sincos"),
     "S":   dict(depth=6, enc_dim=768, enc_heads=12, dec_dim=768, dec_heads=12),
@@ -63,10 +61,7 @@ def timestep_embedding(c_noise, dim, max_period=10000.0):
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=c_noise.device) / half)
     args = c_noise.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
+    return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))    # odd dim: last column 0
 
 
 def sincos_pos_embed_2d(grid, dim):
@@ -272,11 +267,9 @@ class EPG(nn.Module):
         self.out = nn.Linear(dec_dim, patch_size * patch_size * 3)
         init_vit_weights(self, qkv_per_slice=False)
         nn.init.normal_(self.class_embed.weight, std=0.02)
-        for block in self.dec_blocks:                                   # adaLN-Zero: every gate starts at zero
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.out.weight)                                 # the output starts at exactly zero
-        nn.init.zeros_(self.out.bias)
+        for layer in [block.adaLN_modulation[-1] for block in self.dec_blocks] + [self.out]:
+            nn.init.zeros_(layer.weight)            # adaLN-Zero: every gate starts at 0; the output starts at exactly 0
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x, c_noise, y):
         """-> the raw output F (B, 3, H, W): the clean image for diffusion (x-prediction), F_theta of eq. 4."""
@@ -356,8 +349,7 @@ def count_macs(model, image_size):
     hooks = {nn.Linear: linear_hook, nn.Conv2d: conv_hook, Attention: attention_hook}
     handles = [m.register_forward_hook(hooks[type(m)]) for m in model.modules() if type(m) in hooks]
     device = next(model.parameters()).device           # the meta device for large models: no memory, no compute
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
-    c_noise = torch.zeros(1, device=device)
+    x, c_noise = torch.zeros(1, 3, image_size, image_size, device=device), torch.zeros(1, device=device)
     try:
         was_training = model.training
         model.eval()

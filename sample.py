@@ -1,11 +1,5 @@
-"""Sampling from fine-tuned EPG models: EDM Heun / Euler with interval classifier-free guidance, and one- or two-step
-consistency sampling (paper §4 "Evaluation"; the samplers themselves are in losses.py).
-
-    diffusion (x-prediction)                       consistency (eq. 4)
-    sigma~_i = s * t_i(steps), i = 0..steps-1       x = f(s*80 z, s*80)                        (one step)
-    x_T = sigma~_0 z                                x <- x + sqrt(t~_mid^2 - s^2 sigma_min^2) z'
-    Heun (EDM Alg. 2, no churn) down to sigma~_-1   x = f(x, t~_mid)                           (--steps 2)
-    D = clamp(D_u + w (D_c - D_u)) inside the interval, D_c outside
+"""Sampling from fine-tuned EPG models (paper §4 "Evaluation"): EDM Heun / Euler with interval classifier-free
+guidance, and one- or two-step consistency sampling (the samplers and their equations: losses.py).
 
 The grid has no final sigma = 0 (as the official code): 32 Heun steps cost 62 conditional evaluations (+12
 unconditional ones with CFG). Guidance acts where 0.19 < sigma~ / s <= 1.61 (paper §4); a checkpoint may record other
@@ -20,7 +14,6 @@ class) and, with --png, one PNG per image.
     python sample.py --ckpt runs/dm/ckpt_last.pt --num-samples 64 --cfg-scale 2.5 --out runs/samples
     python sample.py --ckpt runs/cm/ckpt_last.pt --num-samples 64 --out runs/samples_cm            # one step
     torchrun --nproc_per_node=8 sample.py --ckpt ckpt.pt --num-samples 50000 --labels balanced --cfg-scale 2.5
-Guidance scales of the official scripts: 2.5 for EPG-XL/16 at 256^2, 3.2 for EPG-L/32 at 512^2 (w = 1: no guidance).
 """
 import argparse
 import contextlib

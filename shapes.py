@@ -7,7 +7,6 @@ the classifier's feature space, NOT comparable to Inception FID).
 """
 import argparse
 import colorsys
-import json
 import math
 import os
 import sys
@@ -45,27 +44,20 @@ def _heart():
     return points / np.linalg.norm(points, axis=1).max()
 
 
-def _cross(w=0.3):
-    outline = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w),
-               (-w, 1)]
-    return np.asarray(outline, dtype=np.float64) * 0.95
-
-
-_ARROW = np.asarray([(-1, -0.25), (0.15, -0.25), (0.15, -0.65), (1, 0), (0.15, 0.65), (0.15, 0.25), (-1, 0.25)],
-                    dtype=np.float64)
+_CROSS = np.asarray([(0.3, 1), (0.3, 0.3), (1, 0.3), (1, -0.3), (0.3, -0.3), (0.3, -1), (-0.3, -1), (-0.3, -0.3),
+                     (-1, -0.3), (-1, 0.3), (-0.3, 0.3), (-0.3, 1)]) * 0.95
+_ARROW = np.asarray([(-1, -0.25), (0.15, -0.25), (0.15, -0.65), (1, 0), (0.15, 0.65), (0.15, 0.25), (-1, 0.25)])
 # Polygons in unit coordinates (radius <= 1); circle, ring and crescent are drawn from discs instead.
 _POLYGONS = {"square": _regular_polygon(4, math.pi / 4), "triangle": _regular_polygon(3, -math.pi / 2),
-             "star": _regular_polygon(10, -math.pi / 2, radii=(1.0, 0.42)), "cross": _cross(),
+             "star": _regular_polygon(10, -math.pi / 2, radii=(1.0, 0.42)), "cross": _CROSS,
              "hexagon": _regular_polygon(6, 0.0), "heart": _heart(), "arrow": _ARROW}
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "heart", "arrow", "crescent")
 
 
 class EmbeddedShapes(torch.utils.data.Dataset):
     """The default data set, drawn in code, deterministic per (seed, split, index): item i -> (uint8 (3, H, W), label
-    i % 10) shows its shape with a random colour (hue around a class centre, overlapping between classes), radius
-    30-40 % of the image, centre within +-8 % of the middle, a rotation of at most 15 degrees, a background (flat,
-    gradient, smooth colour noise or soft stripes) and a little pixel noise. Shapes are drawn 4x (2x above 64 px)
-    larger and box-downsampled (anti-aliased at every resolution)."""
+    i % 10), its shape in a random colour, size, position and small rotation on a random background, with a little
+    pixel noise. Shapes are drawn 4x (2x above 64 px) larger and box-downsampled (anti-aliased at every resolution)."""
 
     num_classes = 10
     classes = list(SHAPE_CLASSES)
@@ -186,8 +178,8 @@ class ReferenceClassifier(nn.Module):
         return features, self.head(features)
 
 
-def _embedded_split(split, image_size, length=None):
-    dataset = EmbeddedShapes(split=split, image_size=image_size, length=length)
+def _embedded_split(split, image_size, length=None, seed=0):
+    dataset = EmbeddedShapes(split=split, image_size=image_size, length=length, seed=seed)
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
@@ -309,17 +301,12 @@ def score(path, device="cpu", cache_dir=None):
     return metrics
 
 
-def preview(out, image_size=64, per_class=12, split="train", seed=0, padding=2):
+def preview(out, image_size=64, per_class=12, split="train", seed=0):
     """A PNG grid of the embedded data set: one row per class, `per_class` examples per row."""
-    dataset = EmbeddedShapes(split=split, image_size=image_size, seed=seed, length=per_class * len(SHAPE_CLASSES))
-    step = image_size + padding
-    grid = Image.new("RGB", (per_class * step + padding, dataset.num_classes * step + padding), (255, 255, 255))
-    for label in range(dataset.num_classes):
-        for k in range(per_class):
-            image, _ = dataset[label + k * dataset.num_classes]
-            grid.paste(Image.fromarray(image.permute(1, 2, 0).numpy()), (padding + k * step, padding + label * step))
+    import data                                    # which imports this module
+    images, labels = _embedded_split(split, image_size, per_class * len(SHAPE_CLASSES), seed)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    data.class_grid(images.permute(0, 2, 3, 1).numpy(), labels.numpy(), out, len(SHAPE_CLASSES), per_class)
 
 
 def main(argv=None):
@@ -351,7 +338,7 @@ def main(argv=None):
         for name, value in metrics.items():
             print(f"{METRIC_NAMES[name]}: {value:.8g}")
         if args.out:
-            trainlib.write_atomically(args.out, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+            trainlib.write_json(args.out, metrics)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """What the three training scripts share (flags from CONFIG, torch.distributed, per-step random streams, the optimiser
-step, the metrics log, atomic checkpoints, the output lock, pre-emption), so that each holds its stage's algorithm
-and little else; no project imports. A resumed run continues exactly as the uninterrupted one: every random draw of
-a step is seeded by (seed, step, rank), the data of step k is a function of (seed, k), and the checkpoint holds model,
-EMA/momentum, optimiser state and step."""
+step, the metrics log, atomic checkpoints, the output lock, pre-emption); no project imports. A resumed run continues
+exactly as the uninterrupted one: every random draw of a step is seeded by (seed, step, rank), the data of step k is a
+function of (seed, k), and the checkpoint holds model, EMA/momentum, optimiser state and step."""
 import argparse
 import atexit
 import contextlib
@@ -96,8 +95,7 @@ FRACTION = ("ema", "momentum", "label_dropout", "dropout")        # in [0, 1)
 
 
 def config_comments(path, name="CONFIG"):
-    """{key: comment} of the `NAME = dict(...)` block of a source file (keys on one line share the comment; comment-only
-    lines below continue it)."""
+    """{key: comment} of a file's `NAME = dict(...)` block (keys on a line share it; comment-only lines continue it)."""
     comments, keys, inside = {}, [], False
     with open(path) as f:
         for line in f:
@@ -222,6 +220,12 @@ def ddp(module, env):
     if not env.distributed:
         return module
     return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+def rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def all_reduce_mean(t):
@@ -709,11 +713,10 @@ class Meter:
             with open(self.path, "rb") as f:
                 for line in filter(bytes.strip, f):
                     try:
-                        step = json.loads(line).get("step", 0)
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            kept.append(line)
                     except ValueError:
                         torn += 1
-                        continue
-                    kept += [line] if step <= resume_step else []
             if torn:
                 print(f"note: dropped {torn} unreadable line(s) of {self.path} (a write cut short)", file=sys.stderr)
             write_atomically(self.path, lambda f: f.writelines(line.rstrip(b"\n") + b"\n" for line in kept))
