@@ -297,8 +297,7 @@ class BatchStream:
     def __init__(self, dataset, global_batch, rank=0, world=1, seed=0, views="finetune", mode="simple",
                  start_step=0, num_workers=0, pin_memory=False):
         if global_batch <= 0 or global_batch % world:          # the scripts' flags are checked before (trainlib)
-            raise DataError(f"global batch size {global_batch} must be positive and divisible by the {world} "
-                            f"processes")
+            raise DataError(f"global batch size {global_batch} must be positive and divisible by the {world} processes")
         if views not in ("pretrain", "finetune") or mode not in NORMALIZATIONS:
             raise DataError(f"unknown views {views!r} or normalization {mode!r}: choose pretrain or finetune, and "
                             f"{' or '.join(NORMALIZATIONS)}")

@@ -498,31 +498,28 @@ def input_statistics(source, model, batch_size=100, device="cpu", progress=True)
 
 def evaluate(samples, reference, model, batch_size=100, device="cpu", progress=True):
     """(metrics computable from two EvalInputs: FID, sFID, IS, Precision, Recall; notes on the others), rank 0."""
-    sample_stats = input_statistics(samples, model, batch_size, device, progress)
-    reference_stats = input_statistics(reference, model, batch_size, device, progress)
+    ours = input_statistics(samples, model, batch_size, device, progress)
+    ref = input_statistics(reference, model, batch_size, device, progress)
     metrics, notes = {}, []
     if trainlib.rank_world()[0] != 0:      # under torchrun the features are shared; rank 0 computes the metrics
         return metrics, notes
 
     def both_have(key, metric):
-        if key in sample_stats and key in reference_stats:
+        if key in ours and key in ref:
             return True
-        notes.append(f"{metric} skipped: no {key} for {(samples if key not in sample_stats else reference).name}")
+        notes.append(f"{metric} skipped: no {key} for {(samples if key not in ours else reference).name}")
         return False
 
-    if both_have("mu", "FID"):
-        metrics["FID"] = frechet_distance(sample_stats["mu"], sample_stats["sigma"], reference_stats["mu"],
-                                          reference_stats["sigma"])
-    if both_have("mu_s", "sFID"):
-        metrics["sFID"] = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], reference_stats["mu_s"],
-                                           reference_stats["sigma_s"])
-    if "logits" in sample_stats:
-        metrics["IS"] = inception_score(sample_stats["logits"])
+    for metric, mean, cov in (("FID", "mu", "sigma"), ("sFID", "mu_s", "sigma_s")):
+        if both_have(mean, metric):
+            metrics[metric] = frechet_distance(ours[mean], ours[cov], ref[mean], ref[cov])
+    if "logits" in ours:
+        metrics["IS"] = inception_score(ours["logits"])
     else:
         notes.append(f"IS skipped: no logits for {samples.name}")
     if both_have("pool_features", "Precision/Recall"):
         metrics["Precision"], metrics["Recall"] = precision_recall(
-            reference_stats["pool_features"], sample_stats["pool_features"], device=device)
+            ref["pool_features"], ours["pool_features"], device=device)
     return metrics, notes
 
 

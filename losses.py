@@ -6,7 +6,6 @@ training/loss.py: `rcm_loss` (eq. 8), `diffusion_loss` (eq. 1), `consistency_los
 Paper: Lei et al., arXiv 2510.12586, §2-3, eq. 1, 4-10, Tables 9-11. Conventions:
 
 * EDM noise process x_t = x + t * eps, t = sigma in [sigma_min, sigma_max] = [0.002, 80], rho = 7, sigma_data = 0.5.
-* Karras grid (eq. 10) is *descending*: index 0 is sigma_max, index N-1 is sigma_min.
 * Resolution shift (Table 9, "image_size/64", after Hoogeboom et al. 2023): the network sees sigma~ = s * sigma with
   s = image_size / 64. The shifted value is used for the noise that is added, for c_in, c(t), the consistency
   boundary sigma~_min, the sampler grid and the CFG interval. The *unshifted* sigma is used for every sampling
