@@ -211,7 +211,7 @@ SCHEDULES = {"const": ["--lr", "1e-3", "--lr-schedule", "constant", "--warmup", 
              "gentle": ["--lr", "2.5e-4", "--lr-schedule", "cosine", "--warmup", "300"],
              "frozen": ["--lr", "1e-3", "--lr-schedule", "constant", "--warmup", "0", "--freeze-encoder"]}
 ARMS = {f"{init}_{schedule}": flags for schedule, flags in SCHEDULES.items() for init in ("rcm", "scratch")}
-COLOURS = {"rcm_const": (31, 90, 200), "scratch_const": (230, 110, 20), "rcm_warm": (20, 150, 60),
+COLOURS = {"rcm_const": (31, 90, 200), "scratch_const": (230, 110, 20), "rcm_warm": (0, 160, 180),
            "scratch_warm": (200, 40, 40), "rcm_gentle": (110, 170, 250), "scratch_gentle": (250, 180, 90),
            "rcm_frozen": (20, 40, 90), "scratch_frozen": (130, 60, 10)}
 
@@ -299,13 +299,14 @@ def headstart(args, py, log):
             rows.append(f"| {arm} | {r['step']} | {r['loss']:.4g} | "
                         + " | ".join(f"{r['per_sigma'].get(b, math.nan):.4g}" for b in bins)
                         + f" | {r['probe_acc']:.3f} | {r['probe_acc_noisy']:.3f} |")
+    def versus_scratch(key):  # each RCM arm's value relative to the scratch arm of its schedule, in %, from step 200
+        return {a: [(r["step"], 100 * (key(r) / key(q) - 1)) for r, q in zip(rs, results["scratch" + a[3:]])
+                    if r["step"]] for a, rs in results.items() if a.startswith("rcm")}
     line_plot(f"{out}/headstart.png", [
-        ("held-out eq. 1 loss (EMA, 1000 val images)", {a: [(r["step"], r["loss"]) for r in rs] for a, rs in
-                                                       results.items()}),
-        ("held-out MSE at t in [1, 10)", {a: [(r["step"], r["per_sigma"][bins[2]]) for r in rs] for a, rs in
-                                          results.items()}),
-        ("kNN probe of the EMA encoder (clean)", {a: [(r["step"], r["probe_acc"]) for r in rs] for a, rs in
-                                                   results.items()})], COLOURS)
+        ("held-out eq. 1 loss, RCM-T arm vs scratch arm (%)", versus_scratch(lambda r: r["loss"])),
+        ("the same at t in [1, 10) (% MSE)", versus_scratch(lambda r: r["per_sigma"][bins[2]])),
+        ("kNN probe of the EMA encoder (clean)", {a: [(r["step"], r["probe_acc"]) for r in rs]
+                                                   for a, rs in results.items()})], COLOURS)
     results = {"init": args.init, "arms": {a: ARMS[a] for a in ARMS}, "results": results, "pixel_r2": r2,
                "stages": [{"command": c, "seconds": round(s, 1)} for c, s in log]}
     return results, rows, f"curves: {out}/headstart.png"
@@ -315,7 +316,7 @@ def line_plot(path, panels, colours, size=(460, 320)):
     """Panels side by side, each (title, {series: [(x, y), ...]}), drawn with PIL; one legend below."""
     w, h = size
     left, right, top, bottom = 58, 12, 24, 34
-    image = Image.new("RGB", (w * len(panels), h + 18 * math.ceil(len(colours) / 3) + 8), "white")
+    image = Image.new("RGB", (w * len(panels), h + 18 * math.ceil(len(colours) / 4) + 8), "white")
     draw = ImageDraw.Draw(image)
     for k, (title, series) in enumerate(panels):
         x0, points = k * w, [p for pts in series.values() for p in pts if math.isfinite(p[1])]
@@ -337,13 +338,15 @@ def line_plot(path, panels, colours, size=(460, 320)):
             draw.line([px, h - bottom, px, h - bottom + 4], fill=(120, 120, 120))
             draw.text((px - 10, h - bottom + 6), str(x), fill="black")
         draw.text((x0 + w // 2 - 20, h - 14), "step", fill="black")
+        if lo < 0 < hi:                                                         # the zero line of a difference
+            draw.line([to_px(min(xs), 0), to_px(max(xs), 0)], fill=(170, 170, 170))
         for name, pts in series.items():
             pts = [to_px(x, y) for x, y in pts if math.isfinite(y)]
             draw.line(pts, fill=colours[name], width=2)
             for px, py_ in pts:
                 draw.ellipse([px - 2, py_ - 2, px + 2, py_ + 2], fill=colours[name])
     for i, (name, colour) in enumerate(colours.items()):
-        x, y = 20 + (i % 3) * 220, h + 4 + 18 * (i // 3)
+        x, y = 20 + (i % 4) * 220, h + 4 + 18 * (i // 4)
         draw.line([x, y + 7, x + 24, y + 7], fill=colour, width=3)
         draw.text((x + 30, y), name, fill="black")
     image.save(path)
