@@ -75,18 +75,22 @@ def cli_main(main, *user_errors):
 
 # ---- Command line: every CONFIG key is a flag, its CONFIG comment the help; PRESETS[--model] the one override ----
 RUN = dict(                    # flags of every training script that do not change what is learnt
-    data=None,                 # ImageFolder/ImageNet-layout directory (one subfolder per class); none: the embedded data set
+    data=None,                 # ImageFolder/ImageNet-layout directory (one subfolder per class); none: the embedded
+                               # data set
     seed=0,                    # seed of every random stream (data order, noise, init)
-    micro_batch=None,          # per-process batch of one forward/backward (gradient accumulation); none: no accumulation
+    micro_batch=None,          # per-process batch of one forward/backward (gradient accumulation); none: no
+                               # accumulation
     device=None,               # cpu, cuda, cuda:N; none: cuda:LOCAL_RANK if available
     compile=None,              # torch.compile every network pass; none: on for CUDA, off for CPU
-    num_workers=None,          # data loader workers per process; none: 0 on CPU, the cores per local GPU (<= 16) on CUDA
-    skip_nonfinite=False,      # skip optimiser steps whose loss or gradient is NaN/inf instead of stopping (a host sync per step)
+    num_workers=None,          # data loader workers per process; none: 0 on CPU, the cores per local GPU (<= 16) on
+                               # CUDA
+    skip_nonfinite=False,      # skip optimiser steps whose loss or gradient is NaN/inf instead of stopping (a host
+                               # sync per step)
 )
 RUN_TYPES = dict(micro_batch=int, num_workers=int, compile=bool)
 # keys that may change when a run is resumed (paths, cadences, machine); every other CONFIG key must match
-MAY_CHANGE = {*RUN.keys() - {"seed"}, "out", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every", "log_every",
-              "probe_every", "probe_bank", "probe_queries", "sample_every", "sample_steps", "eval_samples", "steps"}
+MAY_CHANGE = {*RUN.keys() - {"seed"}, "out", "steps", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every",
+              "log_every", "probe_every", "probe_bank", "probe_queries", "sample_every", "sample_steps", "eval_samples"}
 POSITIVE = ("image_size", "batch_size", "steps", "lr", "ckpt_every", "log_every", "micro_batch", "sample_steps",
             "probe_bank", "probe_queries", "p_std", "huber_c", "aux_tau", "ctr_tau", "tau1", "tau2", "stage_interval")
 NON_NEGATIVE = ("seed", "keep_every", "num_workers", "warmup", "probe_every", "sample_every", "eval_samples",
