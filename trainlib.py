@@ -172,10 +172,10 @@ class Env:
             print(*args, **kwargs, flush=True)
 
 
-def init_distributed(device_arg=None):
-    """Process group from the torchrun environment (NCCL on CUDA, gloo on CPU), device from LOCAL_RANK."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def init_device(device_arg=None):
+    """This process's device (cuda:LOCAL_RANK where no index is given) and, under torchrun, its process group (NCCL on
+    CUDA, gloo on CPU)."""
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -185,12 +185,18 @@ def init_distributed(device_arg=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def init_distributed(device_arg=None):
+    """init_device, and SIGTERM/SIGINT set the pre-emption flag (see preempted) -> Env."""
+    device, (rank, world) = init_device(device_arg), rank_world()
     if world > 1:                                  # a CPU group for the pre-emption flag: no device sync per step
         _STOP["group"] = dist.new_group(backend="gloo")
     _STOP["signal"] = 0
     signal.signal(signal.SIGTERM, _on_stop_signal)
     signal.signal(signal.SIGINT, _on_stop_signal)
-    return Env(rank, world, local_rank, device)
+    return Env(rank, world, int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
 def num_workers(args, env):
