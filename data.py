@@ -52,7 +52,6 @@ def data_range(mode="simple"):
 
 def to_uint8_hwc(x, mode="simple"):
     """Model space (N, 3, H, W) -> uint8 numpy (N, H, W, 3): the one quantisation of saved samples and FID."""
-    x = x.unsqueeze(0) if x.dim() == 3 else x
     pixels = denormalize(x.detach().float(), mode).clamp(0.0, 1.0).mul(255.0).round()
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 

@@ -534,8 +534,7 @@ def resume_state(args, stage, log=print):
 
 
 def restore(resume, log, **parts):
-    """Load the resumed checkpoint's state dicts into `parts` (checkpoint key = module or optimiser); -> its step, or
-    0 for a fresh run (resume None)."""
+    """Load the resumed checkpoint's state dicts into `parts` (key = module or optimiser); -> its step (0 if none)."""
     if resume is None:
         return 0
     for key, part in parts.items():
@@ -693,13 +692,12 @@ class Stepper:
         else:                                      # the same global L2 norm, a device tensor (no host sync)
             grads = [p.grad for p in params if p.grad is not None]
             self.norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-        applied = True
-        if self.skip and not (torch.isfinite(all_reduce_mean(loss.detach().clone())).all()
-                              & torch.isfinite(self.norm)).item():
+        applied = not self.skip or (torch.isfinite(all_reduce_mean(loss.detach().clone())).all()
+                                    & torch.isfinite(self.norm)).item()
+        if not applied:
             self.log(f"step {step}: non-finite loss or gradient, optimiser step skipped")
             for b, saved in zip(self.buffers, self.saved):
                 b.copy_(saved)
-            applied = False
         else:
             self.optimizer.step()
             for b, saved in zip(self.buffers, self.saved):
