@@ -57,8 +57,7 @@ def to_uint8_hwc(x, mode="simple"):
 
 
 def save_grid(images, path, columns):
-    """uint8 images (N, H, W, 3) tiled into one PNG, 2 px white gaps, written atomically (a final grid marks a
-    finished run)."""
+    """uint8 images (N, H, W, 3) tiled into one PNG with white gaps, written atomically (a final grid ends a run)."""
     from torchvision.utils import make_grid
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=columns, padding=2,
                      pad_value=255)

@@ -297,13 +297,11 @@ def headstart(args, py, log):
             rows.append(f"| {arm} | {r['step']} | {r['loss']:.4g} | "
                         + " | ".join(f"{r['per_sigma'].get(b, math.nan):.4g}" for b in bins)
                         + f" | {r['probe_acc']:.3f} | {r['probe_acc_noisy']:.3f} |")
-    line_plot(f"{out}/headstart.png", [
-        ("held-out eq. 1 loss (EMA, 1000 val images)", {a: [(r["step"], r["loss"]) for r in rs] for a, rs in
-                                                       results.items()}),
-        ("held-out MSE at t in [1, 10)", {a: [(r["step"], r["per_sigma"][bins[2]]) for r in rs] for a, rs in
-                                          results.items()}),
-        ("kNN probe of the EMA encoder (clean)", {a: [(r["step"], r["probe_acc"]) for r in rs] for a, rs in
-                                                   results.items()})], COLOURS)
+    curve = lambda get: {arm: [(r["step"], get(r)) for r in rs] for arm, rs in results.items()}  # noqa: E731
+    line_plot(f"{out}/headstart.png", [("held-out eq. 1 loss (EMA, 1000 val images)", curve(lambda r: r["loss"])),
+                                       ("held-out MSE at t in [1, 10)", curve(lambda r: r["per_sigma"][bins[2]])),
+                                       ("kNN probe of the EMA encoder (clean)", curve(lambda r: r["probe_acc"]))],
+              COLOURS)
     results = {"init": args.init, "arms": ARMS, "results": results, "pixel_r2": r2}
     return results, rows, f"curves: {out}/headstart.png"
 

@@ -448,23 +448,22 @@ def _squared_distances(a, b):
     return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]).clamp_(min=0)
 
 
-def _row_blocks(n_rows, n_cols, budget=1 << 25):
-    rows = max(1, budget // max(1, n_cols))
-    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+def _row_blocks(points, n_cols, budget=1 << 25):
+    return points.split(max(1, budget // max(1, n_cols)))          # about `budget` distances per block
 
 
 def manifold_radii(features, k=PR_NEIGHBOURS):
     """Squared distance of each point to its k-th nearest neighbour in the same set, itself excluded. (N, D) -> (N,)."""
     if len(features) <= k:
         raise MetricsError(f"precision/recall with k={k} needs more than {k} images per set, got {len(features)}")
-    return torch.cat([_squared_distances(features[a:b], features).kthvalue(k + 1, dim=1).values
-                      for a, b in _row_blocks(len(features), len(features))])
+    return torch.cat([_squared_distances(block, features).kthvalue(k + 1, dim=1).values
+                      for block in _row_blocks(features, len(features))])
 
 
 def _inside_manifold(points, centres, radii):
     """(N,) bool: point i lies in some ball {x : |x - centre_j|^2 <= radius_j} (radii squared)."""
-    return torch.cat([(_squared_distances(points[a:b], centres) <= radii[None, :]).any(dim=1)
-                      for a, b in _row_blocks(len(points), len(centres))])
+    return torch.cat([(_squared_distances(block, centres) <= radii[None, :]).any(dim=1)
+                      for block in _row_blocks(points, len(centres))])
 
 
 def precision_recall(real_features, fake_features, k=PR_NEIGHBOURS, device="cpu"):
