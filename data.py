@@ -52,14 +52,12 @@ def data_range(mode="simple"):
 
 def to_uint8_hwc(x, mode="simple"):
     """Model space (N, 3, H, W) -> uint8 numpy (N, H, W, 3): the one quantisation of saved samples and FID."""
-    x = x.unsqueeze(0) if x.dim() == 3 else x
     pixels = denormalize(x.detach().float(), mode).clamp(0.0, 1.0).mul(255.0).round()
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images, path, columns):
-    """uint8 images (N, H, W, 3) tiled into one PNG, 2 px white gaps, written atomically (a final grid marks a
-    finished run)."""
+    """uint8 images (N, H, W, 3) tiled into one PNG with white gaps, written atomically (a final grid ends a run)."""
     from torchvision.utils import make_grid
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=columns, padding=2,
                      pad_value=255)

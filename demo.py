@@ -126,7 +126,6 @@ def pipeline(args, py, log):
         "diffusion_heun32": metrics["dm"], "consistency_one_step": metrics["cm"], "class_acc_goals": GOALS,
         "note": "fd_ref is a Frechet distance in the embedded data set's reference-classifier feature space, "
                 "NOT comparable to Inception FID",
-        "stages": [{"command": c, "seconds": round(s, 1)} for c, s in log],
     }
     table = [
         "| what | value |", "|---|---|",
@@ -198,8 +197,7 @@ def ablation(args, py, log):
             rows.append(f"| {label} | {'RCM-T' if v == 'rcm' else 'scratch'} | {steps} | {finite}/{len(per_seed)} | "
                         f"{held} | {bins} | {spread(name, lambda r: r['class_acc'])} | "
                         f"{spread(name, lambda r: r['fd_ref'])} |")
-    results = {"init": init, "seeds": {str(k): v for k, v in per_seed.items()},
-               "stages": [{"command": c, "seconds": round(s, 1)} for c, s in log]}
+    results = {"init": init, "seeds": {str(k): v for k, v in per_seed.items()}}
     return results, rows, f"mean (min–max) over seeds {args.seeds}; grids: {out}/seed*/samples_*/grid.png"
 
 
@@ -307,8 +305,7 @@ def headstart(args, py, log):
         ("the same at t in [1, 10) (% MSE)", versus_scratch(lambda r: r["per_sigma"][bins[2]])),
         ("kNN probe of the EMA encoder (clean)", {a: [(r["step"], r["probe_acc"]) for r in rs]
                                                    for a, rs in results.items()})], COLOURS)
-    results = {"init": args.init, "arms": {a: ARMS[a] for a in ARMS}, "results": results, "pixel_r2": r2,
-               "stages": [{"command": c, "seconds": round(s, 1)} for c, s in log]}
+    results = {"init": args.init, "arms": ARMS, "results": results, "pixel_r2": r2}
     return results, rows, f"curves: {out}/headstart.png"
 
 
@@ -376,6 +373,7 @@ def main():
     log, t0 = [], time.time()
     results, table, where = {"headstart": headstart, "ablation": ablation, "demo": pipeline}[mode](
         args, sys.executable, log)
+    results["stages"] = [{"command": c, "seconds": round(s, 1)} for c, s in log]
     results["total_seconds"] = round(time.time() - t0, 1)
     table.append(f"| total time | {results['total_seconds'] / 60:.1f} min |")
     name = {"headstart": "headstart", "ablation": "results", "demo": "summary"}[mode]

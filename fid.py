@@ -163,11 +163,6 @@ class FIDInceptionV3(inception.Inception3):
 
 
 # ---- Weights: found locally, checked, never downloaded ----
-def sha256_of_file(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def find_inception_weights(path=None):
     """`path`, else $EPG_INCEPTION, else the torch hub cache, whose file must have the sha256 prefix 6726825d (a file
     given explicitly that does not only triggers a warning, so that test weights can be used)."""
@@ -177,7 +172,8 @@ def find_inception_weights(path=None):
         if not explicit.is_file():
             raise MetricsError(f"Inception weights file '{explicit}' does not exist (given by "
                                f"{'--inception' if path else 'EPG_INCEPTION'}); point it at {INCEPTION_FILENAME}")
-        digest = sha256_of_file(explicit)
+        with open(explicit, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
         if not digest.startswith(INCEPTION_SHA256_PREFIX):
             warnings.warn(f"'{explicit}' has sha256 {digest[:8]}..., not {INCEPTION_SHA256_PREFIX}...: these are not "
                           f"the FID Inception weights, so the numbers are not comparable with published FIDs")
@@ -185,7 +181,8 @@ def find_inception_weights(path=None):
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     for cached in (hub_dir / INCEPTION_FILENAME, hub_dir / INCEPTION_FILENAME_TORCH_FIDELITY):
         if cached.is_file():
-            digest = sha256_of_file(cached)
+            with open(cached, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
             if not digest.startswith(INCEPTION_SHA256_PREFIX):
                 raise MetricsError(f"'{cached}' is corrupt (sha256 {digest[:8]}..., expected {INCEPTION_SHA256_PREFIX}"
                                    f"...): delete it and download it again from {INCEPTION_URL}")
@@ -451,23 +448,22 @@ def _squared_distances(a, b):
     return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]).clamp_(min=0)
 
 
-def _row_blocks(n_rows, n_cols, budget=1 << 25):
-    rows = max(1, budget // max(1, n_cols))
-    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+def _row_blocks(points, n_cols, budget=1 << 25):
+    return points.split(max(1, budget // max(1, n_cols)))          # about `budget` distances per block
 
 
 def manifold_radii(features, k=PR_NEIGHBOURS):
     """Squared distance of each point to its k-th nearest neighbour in the same set, itself excluded. (N, D) -> (N,)."""
     if len(features) <= k:
         raise MetricsError(f"precision/recall with k={k} needs more than {k} images per set, got {len(features)}")
-    return torch.cat([_squared_distances(features[a:b], features).kthvalue(k + 1, dim=1).values
-                      for a, b in _row_blocks(len(features), len(features))])
+    return torch.cat([_squared_distances(block, features).kthvalue(k + 1, dim=1).values
+                      for block in _row_blocks(features, len(features))])
 
 
 def _inside_manifold(points, centres, radii):
     """(N,) bool: point i lies in some ball {x : |x - centre_j|^2 <= radius_j} (radii squared)."""
-    return torch.cat([(_squared_distances(points[a:b], centres) <= radii[None, :]).any(dim=1)
-                      for a, b in _row_blocks(len(points), len(centres))])
+    return torch.cat([(_squared_distances(block, centres) <= radii[None, :]).any(dim=1)
+                      for block in _row_blocks(points, len(centres))])
 
 
 def precision_recall(real_features, fake_features, k=PR_NEIGHBOURS, device="cpu"):
@@ -572,18 +568,6 @@ def parse_args(argv=None):
     return args
 
 
-def setup_device(device):
-    """torch.distributed under torchrun (WORLD_SIZE > 1), and this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl")
-            return torch.device("cuda", local_rank)
-        dist.init_process_group("gloo")
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def run(args):
     """Inputs and destinations are checked first, then the weights loaded, then the features computed."""
     samples = open_input(args.samples)
@@ -601,7 +585,7 @@ def run(args):
                                f"samples with a reference of the same resolution")
         if args.out:
             check_destination(args.out, 4096)
-    device = setup_device(args.device)
+    device = trainlib.init_device(args.device)
     rank = trainlib.rank_world()[0]
     progress = not args.no_progress
     if args.save_stats:

@@ -80,9 +80,8 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm whose statistics are computed in fp32 (also under bf16 autocast), output in the input dtype."""
 
     def forward(self, x):
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -336,17 +335,14 @@ def count_macs(model, image_size):
     DiT's convention, Tables 1/2 within 1%), `attention` of QK^T and AV (2 T^2 D per layer); FLOPs are twice these."""
     macs = {"linear": 0, "attention": 0}
 
-    def linear_hook(m, inputs, output):
-        macs["linear"] += output.numel() * m.in_features
-
-    def conv_hook(m, inputs, output):
-        macs["linear"] += output.numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+    def linear_hook(m, inputs, output):             # Linear, Conv2d: each output value costs one weight row
+        macs["linear"] += output.numel() * m.weight[0].numel()
 
     def attention_hook(m, inputs, output):
         B, T, D = inputs[0].shape
         macs["attention"] += 2 * B * T * T * D
 
-    hooks = {nn.Linear: linear_hook, nn.Conv2d: conv_hook, Attention: attention_hook}
+    hooks = {nn.Linear: linear_hook, nn.Conv2d: linear_hook, Attention: attention_hook}
     handles = [m.register_forward_hook(hooks[type(m)]) for m in model.modules() if type(m) in hooks]
     device = next(model.parameters()).device           # the meta device for large models: no memory, no compute
     x, c_noise = torch.zeros(1, 3, image_size, image_size, device=device), torch.zeros(1, device=device)

@@ -63,8 +63,7 @@ def class_labels(mode, num_samples, num_classes, seed=0, class_counts=None):
     A class-free model (num_classes 0, e.g. the released one-step EPG-L/16) takes its null row, label 0."""
     if num_classes == 0:
         if mode not in ("random", "balanced"):
-            raise trainlib.UserError(f"--labels {mode}: this checkpoint is class-free (unconditional); drop --labels "
-                                     f"and --class-label")
+            raise trainlib.UserError(f"--labels {mode}: this checkpoint is class-free (unconditional); drop --labels")
         return torch.zeros(num_samples, dtype=torch.int64)
     if mode == "random":
         g = torch.Generator().manual_seed(trainlib.mix_seed(seed, 0, _TAG_LABELS))
@@ -159,7 +158,6 @@ def parse_args(argv=None):
                    help="unshifted intermediate level of two-step consistency sampling")
     p.add_argument("--labels", default="random",
                    help="random (by the training set's class counts), balanced, or a comma-separated list of ids")
-    p.add_argument("--class-label", type=int, default=None, help="every image of this class (same as --labels K)")
     p.add_argument("--weights", choices=("ema", "online"), default="ema", help="EMA or online weights")
     p.add_argument("--clamp", choices=("data", "official", "none"), default=None,
                    help=f"clamp D: data = the normalised range, official = [-1, 1] ({recorded} {CONFIG['clamp']})")
@@ -174,8 +172,6 @@ def parse_args(argv=None):
             raise trainlib.UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.seed < 0:
         raise trainlib.UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.class_label is not None:
-        args.labels = str(args.class_label)
     if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
         raise trainlib.UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
     return args
@@ -220,7 +216,7 @@ def main():
     chunks, size = os.path.join(args.out, "chunks"), cfg["image_size"]
     num_chunks = math.ceil(args.num_samples / args.batch_size)
     path = lambda c: os.path.join(chunks, f"{c:06d}.npy")                                 # noqa: E731
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "class_label", "png", "device", "no_progress")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "device", "no_progress")}
     if env.main:
         trainlib.prepare_output(args.out)
         os.makedirs(chunks, exist_ok=True)

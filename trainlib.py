@@ -75,18 +75,22 @@ def cli_main(main, *user_errors):
 
 # ---- Command line: every CONFIG key is a flag, its CONFIG comment the help; PRESETS[--model] the one override ----
 RUN = dict(                    # flags of every training script that do not change what is learnt
-    data=None,                 # ImageFolder/ImageNet-layout directory (one subfolder per class); none: the embedded data set
+    data=None,                 # ImageFolder/ImageNet-layout directory (one subfolder per class); none: the embedded
+                               # data set
     seed=0,                    # seed of every random stream (data order, noise, init)
-    micro_batch=None,          # per-process batch of one forward/backward (gradient accumulation); none: no accumulation
+    micro_batch=None,          # per-process batch of one forward/backward (gradient accumulation); none: no
+                               # accumulation
     device=None,               # cpu, cuda, cuda:N; none: cuda:LOCAL_RANK if available
     compile=None,              # torch.compile every network pass; none: on for CUDA, off for CPU
-    num_workers=None,          # data loader workers per process; none: 0 on CPU, the cores per local GPU (<= 16) on CUDA
-    skip_nonfinite=False,      # skip optimiser steps whose loss or gradient is NaN/inf instead of stopping (a host sync per step)
+    num_workers=None,          # data loader workers per process; none: 0 on CPU, the cores per local GPU (<= 16) on
+                               # CUDA
+    skip_nonfinite=False,      # skip optimiser steps whose loss or gradient is NaN/inf instead of stopping (a host
+                               # sync per step)
 )
 RUN_TYPES = dict(micro_batch=int, num_workers=int, compile=bool)
 # keys that may change when a run is resumed (paths, cadences, machine); every other CONFIG key must match
-MAY_CHANGE = {*RUN.keys() - {"seed"}, "out", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every", "log_every",
-              "probe_every", "probe_bank", "probe_queries", "sample_every", "sample_steps", "eval_samples", "steps"}
+MAY_CHANGE = {*RUN.keys() - {"seed"}, "out", "steps", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every",
+              "log_every", "probe_every", "probe_bank", "probe_queries", "sample_every", "sample_steps", "eval_samples"}
 POSITIVE = ("image_size", "batch_size", "steps", "lr", "ckpt_every", "log_every", "micro_batch", "sample_steps",
             "probe_bank", "probe_queries", "p_std", "huber_c", "aux_tau", "ctr_tau", "tau1", "tau2", "stage_interval")
 NON_NEGATIVE = ("seed", "keep_every", "num_workers", "warmup", "probe_every", "sample_every", "eval_samples",
@@ -168,10 +172,10 @@ class Env:
             print(*args, **kwargs, flush=True)
 
 
-def init_distributed(device_arg=None):
-    """Process group from the torchrun environment (NCCL on CUDA, gloo on CPU), device from LOCAL_RANK."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def init_device(device_arg=None):
+    """This process's device (cuda:LOCAL_RANK where no index is given) and, under torchrun, its process group (NCCL on
+    CUDA, gloo on CPU)."""
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -181,12 +185,18 @@ def init_distributed(device_arg=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def init_distributed(device_arg=None):
+    """init_device, and SIGTERM/SIGINT set the pre-emption flag (see preempted) -> Env."""
+    device, (rank, world) = init_device(device_arg), rank_world()
     if world > 1:                                  # a CPU group for the pre-emption flag: no device sync per step
         _STOP["group"] = dist.new_group(backend="gloo")
     _STOP["signal"] = 0
     signal.signal(signal.SIGTERM, _on_stop_signal)
     signal.signal(signal.SIGINT, _on_stop_signal)
-    return Env(rank, world, local_rank, device)
+    return Env(rank, world, int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
 def num_workers(args, env):
@@ -524,8 +534,7 @@ def resume_state(args, stage, log=print):
 
 
 def restore(resume, log, **parts):
-    """Load the resumed checkpoint's state dicts into `parts` (checkpoint key = module or optimiser); -> its step, or
-    0 for a fresh run (resume None)."""
+    """Load the resumed checkpoint's state dicts into `parts` (key = module or optimiser); -> its step (0 if none)."""
     if resume is None:
         return 0
     for key, part in parts.items():
@@ -683,13 +692,12 @@ class Stepper:
         else:                                      # the same global L2 norm, a device tensor (no host sync)
             grads = [p.grad for p in params if p.grad is not None]
             self.norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-        applied = True
-        if self.skip and not (torch.isfinite(all_reduce_mean(loss.detach().clone())).all()
-                              & torch.isfinite(self.norm)).item():
+        applied = not self.skip or (torch.isfinite(all_reduce_mean(loss.detach().clone())).all()
+                                    & torch.isfinite(self.norm)).item()
+        if not applied:
             self.log(f"step {step}: non-finite loss or gradient, optimiser step skipped")
             for b, saved in zip(self.buffers, self.saved):
                 b.copy_(saved)
-            applied = False
         else:
             self.optimizer.step()
             for b, saved in zip(self.buffers, self.saved):

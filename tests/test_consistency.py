@@ -137,7 +137,8 @@ def test_exact_consistency_function_gives_zero_loss():
     """Data concentrated at MU (std 0): x0 + t eps and x0 + r eps lie on one PF-ODE trajectory, so the exact map
     f*(x, t) = MU + (x - MU) eps_b / t sends both to the same point and eq. 5 is zero; for another f it is not."""
     _, t, _, r = gaussian_trajectory_pair()
-    x0, eps = torch.full((6, 3, SIZE, SIZE), MU, dtype=torch.float64), torch.randn(6, 3, SIZE, SIZE, dtype=torch.float64)
+    x0 = torch.full((6, 3, SIZE, SIZE), MU, dtype=torch.float64)
+    eps = torch.randn(6, 3, SIZE, SIZE, dtype=torch.float64)
     point = as_network(lambda x, s: exact_f(x, s, std=0.0))
     loss, prediction = losses.consistency_loss(point, point, x0, None, t, r, eps, EPS_B, huber_c=0.06)
     assert loss.shape == (6,) and torch.allclose(prediction, MU + EPS_B * eps)
@@ -259,7 +260,7 @@ def test_few_training_steps_are_finite(tmp_path, rcm_ckpt):
 
 def test_cli_misuse_exits_with_code_2(tmp_path):
     with pytest.raises(SystemExit) as e:
-        trainlib.cli_main(lambda: tc.main(["--model", "T", "--out", str(tmp_path / "x"), "--steps", "1"]))     # no --init
+        trainlib.cli_main(lambda: tc.main(["--model", "T", "--out", str(tmp_path / "x"), "--steps", "1"]))  # no --init
     assert e.value.code == 2
 
 

@@ -63,7 +63,8 @@ def test_edm_optimal_denoiser_attains_predicted_minimum():
 
 # ---------------------------------------------------------------- iCT curriculum N(k)
 def test_ict_curriculum_hand_values():
-    # iCT: K' = floor(600000 / (log2 floor(1280/20) + 1)) = floor(600000 / 7) = 85714; N = min(20 * 2^floor(k/K'), 1280) + 1
+    # iCT: K' = floor(600000 / (log2 floor(1280/20) + 1)) = floor(600000 / 7) = 85714;
+    # N = min(20 * 2^floor(k/K'), 1280) + 1
     f = lambda k: losses.ict_num_scales(k, 600_000)
     assert [f(0), f(85_713), f(85_714), f(171_428), f(514_284), f(599_999)] == [21, 21, 41, 81, 1281, 1281]
     assert f(428_569) == 321 and f(428_570) == 641   # 20 * 2^5 + 1 = 641 from k = 5 K' = 428,570
@@ -138,7 +139,8 @@ def test_nt_xent_gradient_check_and_stop_gradient_on_keys():
             qp, qm = q.detach().clone(), q.detach().clone()
             qp[i, j] += eps
             qm[i, j] -= eps
-            num[i, j] = (brute_force_nt_xent(qp, k.detach(), 0.5).sum() - brute_force_nt_xent(qm, k.detach(), 0.5).sum()) / (2 * eps)
+            plus, minus = (brute_force_nt_xent(v, k.detach(), 0.5).sum() for v in (qp, qm))
+            num[i, j] = (plus - minus) / (2 * eps)
     assert torch.allclose(q.grad, num, atol=1e-3)
 
 
@@ -317,8 +319,9 @@ def test_pseudo_huber_value_and_gradient():
 
 
 def test_exact_consistency_function_of_gaussian_data():
-    """Formulas §8.1: for Gaussian data the exact consistency map f*(x, t) = mu + (x - mu) sqrt(s^2 + eb^2)/sqrt(s^2 + t^2)
-    maps x_t and x_r of the same PF-ODE trajectory to the same point (distance 0), whereas a perturbed map does not."""
+    """Formulas §8.1: for Gaussian data the exact consistency map
+    f*(x, t) = mu + (x - mu) sqrt(s^2 + eb^2)/sqrt(s^2 + t^2) maps x_t and x_r of the same PF-ODE trajectory to the same
+    point (distance 0), whereas a perturbed map does not."""
     mu, s, eb = 0.1, 0.5, 4 * losses.SIGMA_MIN
     f_star = lambda x, t: mu + (x - mu) * math.sqrt(s ** 2 + eb ** 2) / torch.sqrt(s ** 2 + t ** 2)
     g = torch.Generator().manual_seed(0)

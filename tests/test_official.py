@@ -458,7 +458,8 @@ def test_convert_writes_an_epg_checkpoint_that_computes_the_official_forward(tin
     torch.save({f"module.{k}": v for k, v in ema.items()}, tmp_path / "nnet_ema.pth")   # a DDP-prefixed save
     ckpt = convert_cli(tmp_path, tmp_path / "epg.pt")
     assert "wrote" in capsys.readouterr().out
-    assert set(ckpt) == {"stage", "config", "step", "model", "ema"} and (ckpt["stage"], ckpt["step"]) == ("diffusion", 0)
+    assert set(ckpt) == {"stage", "config", "step", "model", "ema"}
+    assert (ckpt["stage"], ckpt["step"]) == ("diffusion", 0)
     assert ckpt["config"] == {"model": "TW", "image_size": TINY_IMAGE, "patch_size": TINY_PATCH, "num_classes": 10,
                               "normalize": "imagenet", "converted_from": str(tmp_path / "nnet_ema.pth"),
                               "sampling": official.OFFICIAL_SAMPLING["diffusion"]}
@@ -512,7 +513,8 @@ def test_convert_errors_are_one_line_with_exit_2(tiny_config, tmp_path, capsys, 
     torch.save(tiny_epg(), tmp_path / "nnet_ema.pth")
     (tmp_path / "empty").mkdir()
     (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
-    torch.save({"stage": "diffusion", "config": {}, "model": {"encoder.pos_embed": torch.zeros(1)}}, tmp_path / "ours.pt")
+    torch.save({"stage": "diffusion", "config": {}, "model": {"encoder.pos_embed": torch.zeros(1)}},
+               tmp_path / "ours.pt")
     incomplete = tiny_epg()
     del incomplete["decoder_blocks.1.skip_norm.weight"]
     torch.save(incomplete, tmp_path / "incomplete.pth")

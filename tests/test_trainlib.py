@@ -95,9 +95,9 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_is_take
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {root!r}); import trainlib; "
-                               f"trainlib.prepare_output({str(tmp_path / 'out')!r}); print('locked', flush=True); "
-                               f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {root!r}); "
+                               f"import trainlib; trainlib.prepare_output({str(tmp_path / 'out')!r}); "
+                               f"print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(trainlib.UserError, match=f"in use by another run .*pid {holder.pid}"):
