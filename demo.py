@@ -111,11 +111,11 @@ def pipeline(args, py, log):
     run([[py, "train_diffusion.py", "--model", "T", "--init", init, "--steps", str(steps["dm"]), "--sample-every", "0",
           "--eval-samples", "0", "--out", f"{out}/dm"]], log)
     # the consistency model starts from the diffusion model, as ECT does (the paper: from RCM-T and a fresh decoder,
-    # which a CPU's minutes leave at class accuracy 0.22-0.27; BENCHMARKS.md, README deviation 31); W of eq. 9 is
-    # still RCM-T
+    # which a CPU's minutes leave at class accuracy 0.22-0.27; BENCHMARKS.md "The tiny presets", README deviation
+    # 31); W of eq. 9 is still RCM-T
     run([[py, "train_consistency.py", "--model", "T", "--init", init, "--init-diffusion", f"{out}/dm/ckpt_last.pt",
           "--steps", str(steps["cm"]), "--out", f"{out}/cm"]], log)
-    # the tiny diffusion checkpoint records its guidance, CFG 4.0 on every noise level (train_diffusion.PRESETS)
+    # the tiny diffusion checkpoint records its guidance, CFG 4.0 above the paper's interval (train_diffusion.PRESETS)
     for name, sampler in (("dm", ["--steps", "32"]), ("cm", ["--steps", "1"])):  # one after the other, all cores
         run([[py, "sample.py", "--ckpt", f"{out}/{name}/ckpt_last.pt", "--num-samples", str(steps["n"]), "--labels",
               "balanced", *sampler, "--out", f"{out}/samples_{name}", "--no-progress"]], log)
@@ -131,7 +131,7 @@ def pipeline(args, py, log):
         "| what | value |", "|---|---|",
         f"| kNN probe accuracy, random-init encoder | {probes[0]['probe_acc']:.3f} |",
         f"| kNN probe accuracy, pre-trained RCM-T ({steps['pt']} steps) | {probes[-1]['probe_acc']:.3f} |",
-        f"| diffusion EPG-T, Heun-32 + CFG 4.0 (all noise levels): class accuracy (goal >= {GOALS['dm']}) | "
+        f"| diffusion EPG-T, Heun-32 + CFG 4.0 on (1.61, 80]: class accuracy (goal >= {GOALS['dm']}) | "
         f"{metrics['dm']['class_acc']:.3f} |",
         f"| diffusion EPG-T: FD_ref (not Inception FID) | {metrics['dm']['fd_ref']:.2f} |",
         f"| consistency EPG-T, one step: class accuracy (goal >= {GOALS['cm']}) | {metrics['cm']['class_acc']:.3f} |",
@@ -362,7 +362,7 @@ def main():
     p.add_argument("--cm-steps", type=int, default=1200, help="ablation: consistency steps of both variants")
     p.add_argument("--num-samples", type=int, default=500, help="ablation: class-balanced samples per model")
     p.add_argument("--cfg-scale", type=float, default=None,
-                   help="ablation: CFG scale of the diffusion samples (none: the checkpoint's, CFG 4.0 on every level)")
+                   help="ablation: CFG scale of the diffusion samples (none: the checkpoint's: CFG 4.0 on (1.61, 80])")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="ablation: seeds of the fine-tunings")
     args = p.parse_args()
     mode = "headstart" if args.headstart else "ablation" if args.ablation else "demo"

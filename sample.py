@@ -3,7 +3,7 @@ guidance, and one- or two-step consistency sampling (the samplers and their equa
 
 The grid has no final sigma = 0 (as the official code): 32 Heun steps cost 62 conditional evaluations (+12
 unconditional ones with CFG). Guidance acts where 0.19 < sigma~ / s <= 1.61 (paper §4); a checkpoint may record other
-defaults (the T preset: CFG 4.0 on every level, as at 32^2 the paper's interval guides only sigma~ <= 0.8).
+defaults (the T preset: CFG 4.0 where 1.61 < sigma~ / s, as at 32^2 the paper's interval guides only sigma~ <= 0.8).
 
 Image i draws its noise from a generator seeded by (seed, i) and its label from one stream over all images, whatever
 the batch size or number of processes. Chunks of --batch-size images go to OUT/chunks/ atomically as they finish;
@@ -100,7 +100,7 @@ def clamp_range(mode, normalize="simple"):
 
 def load_generator(path, weights="ema"):
     """(EPG in eval mode, checkpoint config, stage) of a fine-tuning checkpoint. Only the chosen weights are read
-    (memory-mapped, used in place): a process needs about their size in host memory (BENCHMARKS.md)."""
+    (memory-mapped, used in place): a process needs about their size in host memory."""
     state = trainlib.load_checkpoint(path, mmap=True)
     stage, cfg = state["stage"], state["config"]
     if stage == "pretrain":

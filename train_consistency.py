@@ -64,8 +64,8 @@ CHOICES = dict(model=tuple(models.MODEL_CONFIGS), lr_schedule=("step", "constant
                aux_features=("encoder", "projector"), normalize=data.NORMALIZATIONS)
 PRESETS = {
     # a 2-core CPU: minutes instead of 156 H200-hours. A constant lr without dropout, and t's proposal centred
-    # higher, as for the tiny diffusion model (the shift s = 0.5 halves every level; BENCHMARKS.md, "A demo that
-    # draws its classes"); the ECT stage interval stays 100k steps, so a CPU run stays in stage 1 (squeezing the 7
+    # higher, as for the tiny diffusion model (the shift s = 0.5 halves every level; BENCHMARKS.md, "The tiny
+    # presets"); the ECT stage interval stays 100k steps, so a CPU run stays in stage 1 (squeezing the 7
     # stages into a short run made the tiny model worse)
     "T": dict(image_size=32, batch_size=32, steps=1200, lr=5e-4, lr_schedule="constant", lr_milestones=[],
               lr_factors=[], ema=0.995, dropout=0.0, p_mean=1.2, ckpt_every=200, keep_every=0, log_every=25),

@@ -172,14 +172,14 @@ def test_training_runs_logs_and_keeps_the_ema_relation(uninterrupted):
     assert changed > 10                                # the online weights do move
 
 
-def test_tiny_checkpoints_record_guidance_on_every_level_and_paper_sizes_keep_the_papers_interval(uninterrupted):
+def test_tiny_checkpoints_record_guidance_above_the_papers_interval_and_paper_sizes_keep_it(uninterrupted):
     def resolved(recorded, *flags):
         args = sample.parse_args(["--ckpt", "unused.pt", *flags])
         sample.resolve_sampler(args, "diffusion", recorded)
         return args.cfg_scale, list(args.cfg_interval)
 
     tiny = load(uninterrupted / "ckpt_last.pt")["config"]["sampling"]
-    assert resolved(tiny) == (4.0, [0.0, 80.0])                        # every level of the EDM range (0, 80]
+    assert resolved(tiny) == (4.0, [1.61, 80.0])                       # the levels above §4's interval
     assert resolved(tiny, "--cfg-scale", "2", "--cfg-interval", "0.19", "1.61") == (2.0, [0.19, 1.61])  # flags win
     paper = vars(train_diffusion.parse_args(["--model", "XL"]))["sampling"]
     assert resolved(paper)[1] == [0.19, 1.61]                          # §4: the interval of Kynkaanniemi et al.
