@@ -106,10 +106,12 @@ def heldout_denoising_loss(ckpt, images=1000, batch=250, seed=0, model=None):
 def pipeline(args, py, log):
     out = args.out
     steps = dict(pt=10, dm=10, cm=10, n=20) if args.quick else dict(pt=300, dm=7000, cm=400, n=500)
-    run([[py, "pretrain.py", "--model", "T", "--steps", str(steps["pt"]), "--out", f"{out}/pt"]], log)
+    quick = dict(pt=["--probe-bank", "200", "--probe-queries", "100"], dm=["--sample-steps", "2"]) if args.quick \
+        else dict(pt=[], dm=[])                                       # a smoke test: smaller probe, cheaper grid
+    run([[py, "pretrain.py", "--model", "T", "--steps", str(steps["pt"]), *quick["pt"], "--out", f"{out}/pt"]], log)
     init = f"{out}/pt/ckpt_last.pt"
     run([[py, "train_diffusion.py", "--model", "T", "--init", init, "--steps", str(steps["dm"]), "--sample-every", "0",
-          "--eval-samples", "0", "--out", f"{out}/dm"]], log)
+          "--eval-samples", "0", *quick["dm"], "--out", f"{out}/dm"]], log)
     # the consistency model starts from the diffusion model, as ECT does (the paper: from RCM-T and a fresh decoder,
     # which a CPU's minutes leave at class accuracy 0.22-0.27; BENCHMARKS.md "The tiny presets", README deviation
     # 31); W of eq. 9 is still RCM-T

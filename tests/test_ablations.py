@@ -41,7 +41,8 @@ def train(script, out, *argv):
 
 
 def diffusion(rcm, out, *argv):
-    return train(train_diffusion, out, "--init", rcm[0], "--sample-every", 0, "--eval-samples", 0, *argv)
+    return train(train_diffusion, out, "--init", rcm[0], "--sample-every", 0, "--eval-samples", 0, "--sample-steps", 2,
+                 *argv)
 
 
 def test_frozen_encoder_stays_bitwise_the_rcm_while_the_decoder_moves(rcm, tmp_path):

@@ -195,7 +195,7 @@ def main():
         check(f"pretrain RCM-{size('L')}, 2 steps, eager", train("pretrain.py", "L", 2, rcm_l, "--probe-every", 0,
               "--no-compile", batch_size=8), 240, judge_run(rcm_l, 2, False))
         check(f"diffusion EPG-{size('XL')}, {n} steps", train("train_diffusion.py", "XL", n, dm, "--init", ckpt(rcm_b),
-              "--sample-every", 0, "--eval-samples", 0), 420, judge_run(dm, n, cuda), needs=ckpt(rcm_b))
+              "--eval-samples", 0, "--sample-steps", 2), 420, judge_run(dm, n, cuda), needs=ckpt(rcm_b))
         check(f"consistency EPG-{size('L')}, {n} steps", train("train_consistency.py", "L", n, cm, "--init",
               ckpt(rcm_l)), 420, judge_run(cm, n, cuda), needs=ckpt(rcm_l))
 
