@@ -695,6 +695,19 @@ def test_a_full_disk_while_logging_stops_in_one_line_and_a_torn_log_never_blocks
         assert metrics_steps(disk / "run") == [1, 2, 3, 4]
 
 
+def sigterm_on_call(monkeypatch, module, name, n):
+    """Patch module.name so that its n-th call first sends this process a real SIGTERM; returns the original."""
+    original, calls = getattr(module, name), []
+
+    def signalled(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*a, **k)
+    monkeypatch.setattr(module, name, signalled)
+    return original
+
+
 def test_sigterm_stops_sampling_after_the_current_chunk_and_broken_chunks_are_drawn_again(files, tmp_path,
                                                                                           monkeypatch, capsys):
     """A real SIGTERM to this process in the middle of the 4th chunk: exit 143 after that chunk. Chunks that a crash
@@ -704,14 +717,7 @@ def test_sigterm_stops_sampling_after_the_current_chunk_and_broken_chunks_are_dr
             "--no-progress", "--labels", "balanced"]
     code, _, err = cli(monkeypatch, capsys, sample, args + ["--out", tmp_path / "straight"])
     assert code == 0, err[-2000:]
-    generate, calls = sample.generate, []
-
-    def signalled(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return generate(*a, **k)
-    monkeypatch.setattr(sample, "generate", signalled)
+    generate = sigterm_on_call(monkeypatch, sample, "generate", 4)
     out, chunks = tmp_path / "run", tmp_path / "run" / "chunks"
     code, _, err = cli(monkeypatch, capsys, sample, args + ["--out", out])
     assert code == 143 and f"SIGTERM: stopped with 4 of 6 chunks in {chunks}; rerun" in err, err[-2000:]
@@ -735,14 +741,7 @@ def test_sigterm_in_the_end_of_run_sampling_stops_at_once_and_the_rerun_complete
     out = tmp_path / "run"
     args = base_args(train_diffusion, files) + ["--image-size", 32, "--init", files["rcm32"], "--eval-samples", 10,
                                                 "--out", out]
-    sample_grid, calls = train_diffusion.sample_grid, []
-
-    def signalled(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return sample_grid(*a, **k)
-    monkeypatch.setattr(train_diffusion, "sample_grid", signalled)
+    sample_grid = sigterm_on_call(monkeypatch, train_diffusion, "sample_grid", 2)
     code, _, err = cli(monkeypatch, capsys, train_diffusion, args)
     assert code == 143 and "SIGTERM: stopped in the end-of-run sampling" in err, err[-2000:]
     assert load(out / "ckpt_last.pt")["step"] == 2 and not (out / "samples_0000002.png").exists()
