@@ -789,7 +789,7 @@ def progress(total, initial, enabled, desc):
                 file=sys.stderr)
 
 
-# ---- kNN probe of an encoder (pre-training's progress; the fine-tuning experiments of demo.py) ----
+# ---- kNN probe of an encoder (pre-training's progress) ----
 class KnnProbe:
     """Weighted kNN accuracy (k = 20, votes exp(cos / 0.07), as InstDisc/DINO) of features(x, sigma) -> (N, D):
     `probe_acc` of clean queries (at sigma_clean, the level of the training views) against the clean bank,
