@@ -166,30 +166,29 @@ class FIDInceptionV3(inception.Inception3):
 def find_inception_weights(path=None):
     """`path`, else $EPG_INCEPTION, else the torch hub cache, whose file must have the sha256 prefix 6726825d (a file
     given explicitly that does not only triggers a warning, so that test weights can be used)."""
-    explicit = path or os.environ.get("EPG_INCEPTION")
+    explicit, hub_dir = path or os.environ.get("EPG_INCEPTION"), Path(torch.hub.get_dir()) / "checkpoints"
     if explicit:
-        explicit = Path(explicit).expanduser()
-        if not explicit.is_file():
-            raise MetricsError(f"Inception weights file '{explicit}' does not exist (given by "
+        file = Path(explicit).expanduser()
+        if not file.is_file():
+            raise MetricsError(f"Inception weights file '{file}' does not exist (given by "
                                f"{'--inception' if path else 'EPG_INCEPTION'}); point it at {INCEPTION_FILENAME}")
-        with open(explicit, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if not digest.startswith(INCEPTION_SHA256_PREFIX):
-            warnings.warn(f"'{explicit}' has sha256 {digest[:8]}..., not {INCEPTION_SHA256_PREFIX}...: these are not "
-                          f"the FID Inception weights, so the numbers are not comparable with published FIDs")
-        return explicit
-    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    for cached in (hub_dir / INCEPTION_FILENAME, hub_dir / INCEPTION_FILENAME_TORCH_FIDELITY):
-        if cached.is_file():
-            with open(cached, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            if not digest.startswith(INCEPTION_SHA256_PREFIX):
-                raise MetricsError(f"'{cached}' is corrupt (sha256 {digest[:8]}..., expected {INCEPTION_SHA256_PREFIX}"
-                                   f"...): delete it and download it again from {INCEPTION_URL}")
-            return cached
-    raise MetricsError(f"Inception weights {INCEPTION_FILENAME} not found (fid.py never downloads): fetch "
-                       f"{INCEPTION_URL} (pytorch-fid's GitHub release) and put it in {hub_dir}/, or pass "
-                       f"--inception PATH, or set EPG_INCEPTION=PATH")
+    else:
+        file = next((f for f in (hub_dir / INCEPTION_FILENAME, hub_dir / INCEPTION_FILENAME_TORCH_FIDELITY)
+                     if f.is_file()), None)
+        if file is None:
+            raise MetricsError(f"Inception weights {INCEPTION_FILENAME} not found (fid.py never downloads): fetch "
+                               f"{INCEPTION_URL} (pytorch-fid's GitHub release) and put it in {hub_dir}/, or pass "
+                               f"--inception PATH, or set EPG_INCEPTION=PATH")
+    with open(file, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest.startswith(INCEPTION_SHA256_PREFIX):
+        return file
+    if not explicit:
+        raise MetricsError(f"'{file}' is corrupt (sha256 {digest[:8]}..., expected {INCEPTION_SHA256_PREFIX}...): "
+                           f"delete it and download it again from {INCEPTION_URL}")
+    warnings.warn(f"'{file}' has sha256 {digest[:8]}..., not {INCEPTION_SHA256_PREFIX}...: these are not the FID "
+                  f"Inception weights, so the numbers are not comparable with published FIDs")
+    return file
 
 
 def load_inception(path=None, device="cpu", resize="tf"):
