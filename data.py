@@ -13,9 +13,10 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
 import shapes
+import rundir
 import trainlib
 
-DataError = trainlib.UserError          # a data problem is the user's to fix: one line, exit code 2
+DataError = rundir.UserError          # a data problem is the user's to fix: one line, exit code 2
 
 
 # ---- Normalisation ----
@@ -61,7 +62,7 @@ def save_grid(images, path, columns):
     from torchvision.utils import make_grid
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=columns, padding=2,
                      pad_value=255)
-    trainlib.write_atomically(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
+    rundir.write_atomically(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
 
 def class_grid(images, labels, path, max_classes=10, per_class=10):

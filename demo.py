@@ -32,9 +32,9 @@ def run(cmd, log):
 
 
 def score(py, npz, log):
-    """Class accuracy and FD_ref of a samples.npz (python shapes.py score)."""
+    """Class accuracy and FD_ref of a samples.npz (python evaluate.py score)."""
     out = os.path.join(os.path.dirname(npz), "metrics.json")
-    run([py, "shapes.py", "score", npz, "--out", out], log)
+    run([py, "evaluate.py", "score", npz, "--out", out], log)
     with open(out) as f:
         return json.load(f)
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from scipy import linalg
 from torchvision.models import inception
 
+import rundir
 import trainlib
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -58,7 +59,7 @@ PR_NEIGHBOURS = 3             # k of the k-NN manifold radius (Kynkaanniemi et a
 RESIZE_MODES = ("tf", "pytorch-fid")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features", "logits")
-MetricsError = trainlib.UserError      # a problem with the user's files or flags: one line, exit code 2
+MetricsError = rundir.UserError      # a problem with the user's files or flags: one line, exit code 2
 
 
 # ---- The FID Inception-v3 (the 2015-12-05 TF graph as pytorch-fid ports it) ----
@@ -537,7 +538,7 @@ def check_destination(path, needed_bytes):
 def save_statistics(path, stats, resize, image_size):
     """Write a statistics file (keys: see the module docstring) atomically."""
     arrays = {key: stats[key] for key in STATS_KEYS if key in stats}
-    trainlib.write_atomically(path, lambda f: np.savez(f, resize=np.array(resize), image_size=np.array(image_size),
+    rundir.write_atomically(path, lambda f: np.savez(f, resize=np.array(resize), image_size=np.array(image_size),
                                                        **arrays))
 
 
@@ -608,11 +609,11 @@ def run(args):
         for name, value in metrics.items():
             print(f"{name}: {value:.8g}")
         if args.out:
-            trainlib.write_json(args.out, metrics)
+            rundir.write_json(args.out, metrics)
 
 
 def main(argv=None):
-    trainlib.cli_main(lambda: run(parse_args(argv)))
+    rundir.cli_main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

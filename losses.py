@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import trainlib
 
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 
@@ -81,7 +80,7 @@ def consistency_function(model, x_t, sigma, y, sigma_min):
 def global_keys(k):
     """Stop-gradient keys (B, D) of this rank -> L2-normalised fp32 keys of the GLOBAL batch (world*B, D)."""
     k = F.normalize(k.detach().float(), dim=-1)
-    world = trainlib.rank_world()[1]
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
         return k
     parts = [torch.empty_like(k) for _ in range(world)]
@@ -95,7 +94,7 @@ def nt_xent(q, k, tau, first=None):
     being k[first + i] (a micro-batch's queries still see every key). Negatives: every other key of the global batch;
     no 2*tau factor, no memory queue. tau: float or (B,)."""
     if first is None:
-        k, first = global_keys(k), trainlib.rank_world()[0] * q.shape[0]
+        k, first = global_keys(k), (dist.get_rank() if dist.is_initialized() else 0) * q.shape[0]
     positive = first + torch.arange(q.shape[0], device=q.device)
     tau = tau.float().reshape(-1, 1) if torch.is_tensor(tau) else tau           # a float stays on the host
     logits = F.normalize(q.float(), dim=-1) @ k.T / tau                             # (B, world*B)

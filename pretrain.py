@@ -21,10 +21,14 @@ import copy
 import os
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 
 import data
+import evaluate
 import losses
 import models
+import rundir
 import trainlib
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,6 +78,56 @@ PRESETS = {
 }
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes, differentiable: the gradient of every rank's input is the sum of the output gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch of all processes for CPU (gloo) process groups, where nn.SyncBatchNorm
+    cannot run; gradients flow through the differentiable all-reduce, as in SyncBatchNorm."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        count = _AllReduceSum.apply(x.new_full((1,), float(x.shape[0])))
+        mean = _AllReduceSum.apply(x.sum(dim=0)) / count
+        var = _AllReduceSum.apply((x - mean).pow(2).sum(dim=0)) / count                   # biased, as BatchNorm
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), self.momentum)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def sync_batchnorm(module, env):
+    """BatchNorm with global-batch statistics under DDP (nn.SyncBatchNorm on GPU, GlobalBatchNorm1d on CPU)."""
+    if not env.distributed:
+        return module
+    if env.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm1d):
+            bn = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            sync_batchnorm(child, env)
+    return module
+
+
+
 def parse_args(argv=None):
     return trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
 
@@ -83,7 +137,7 @@ def main(argv=None):
     env = trainlib.init_distributed(args.device)
     device, log = env.device, env.log
     local_batch, micro, accum = trainlib.split_batch(args.batch_size, env.world, args.micro_batch)
-    patch_size = trainlib.checked(models.patch_size_for, args.model, args.image_size)
+    patch_size = rundir.checked(models.patch_size_for, args.model, args.image_size)
     lr = args.lr * args.batch_size / BASE_BATCH                                   # linear scaling rule (B.2)
     shift = losses.resolution_shift(args.image_size)                              # s = image_size / 64 (Table 9)
     sigma_views = shift * losses.SIGMA_MIN                                        # the views sit at s * sigma_min
@@ -94,29 +148,29 @@ def main(argv=None):
               "stage": "pretrain", "proj_dim": args.proj_dim or models.model_config(args.model)["proj_dim"],
               "patch_size": patch_size, "lr_scaled": lr, "num_classes": dataset.num_classes,
               "data_id": data.identity(dataset), "resolution_shift": shift}
-    trainlib.prepare_output(args.out, env.main)
-    resume = trainlib.resume_state(args, "pretrain", log)
+    rundir.prepare_output(args.out, env.main)
+    resume = rundir.resume_state(args, "pretrain", log)
     if resume is not None:
-        trainlib.check_resume(resume["config"], config, steps_fixed=True)       # cosine, curriculum, tau annealing
+        rundir.check_resume(resume["config"], config, trainlib.MAY_CHANGE, steps_fixed=True)       # cosine, curriculum, tau annealing
 
     # ---- model, momentum copy, optimiser ----
     torch.manual_seed(args.seed)
     rcm = models.build_rcm(args.model, args.image_size, config["proj_dim"])
     momentum = copy.deepcopy(rcm).requires_grad_(False)
-    rcm, momentum = trainlib.sync_batchnorm(rcm, env), trainlib.sync_batchnorm(momentum, env)  # global-batch BN
+    rcm, momentum = sync_batchnorm(rcm, env), sync_batchnorm(momentum, env)  # global-batch BN
     # MoCo v3 keeps the momentum branch in train mode (batch statistics in its projector BN). The official code puts
     # it in eval mode, where its never-updated running statistics stay 0/1: a bug we do not copy.
     momentum.train()
     rcm.to(device)
     momentum.to(device)
     optimizer = trainlib.adamw(rcm, lr, args.betas, args.weight_decay, device=device)        # all decayed
-    start = trainlib.restore(resume, log, model=rcm, momentum=momentum, optimizer=optimizer)
+    start = rundir.restore(resume, log, model=rcm, momentum=momentum, optimizer=optimizer)
     del resume
     net = trainlib.ddp(trainlib.compiled(models.RCMViews(rcm, with_rest=True), args, device), env)
     momentum_fn = trainlib.compiled(models.RCMViews(momentum), args, device)
     target_fn = trainlib.compiled(rcm.features, args, device)                   # sg E: the online encoder itself
     if env.main:
-        trainlib.write_json(os.path.join(args.out, "config.json"), config)
+        rundir.write_json(os.path.join(args.out, "config.json"), config)
     log(f"RCM-{args.model}/{patch_size} at {args.image_size}px, {models.count_params(rcm) / 1e6:.2f}M parameters "
         f"(encoder + projector); batch {args.batch_size} = {env.world} x {accum} x {micro}, {args.steps} steps, "
         f"lr {lr:.4g} (= {args.lr:g} x {args.batch_size}/{BASE_BATCH}, {args.lr_schedule}, warm-up {args.warmup}), "
@@ -129,7 +183,7 @@ def main(argv=None):
     stepper = trainlib.Stepper(optimizer, rcm, args.skip_nonfinite, buffers_of=(rcm, momentum), log=log)
     probe = None
     if env.main and args.probe_every:
-        probe = trainlib.KnnProbe(*data.probe_sets(args.data, args.image_size, args.normalize, args.seed,
+        probe = evaluate.KnnProbe(*data.probe_sets(args.data, args.image_size, args.normalize, args.seed,
                                                    args.probe_bank, args.probe_queries), sigma_views, shift * 1.0)
         log(f"kNN probe: {len(probe.bank_y)} bank images, {len(probe.query_y)} queries")
 
@@ -181,10 +235,10 @@ def main(argv=None):
             meter.add(terms)
         meter.log(step + 1, stepper.norm, lr=lr_now, num_scales=num_scales, tau_rc=tau_rc.mean())
         run_probe(step + 1)
-        trainlib.checkpoint(env, args, step + 1, state)
+        rundir.checkpoint(env, args, step + 1, state)
     meter.close()
     log(f"done: {args.steps} steps, checkpoint {args.out}/ckpt_last.pt")
 
 
 if __name__ == "__main__":
-    trainlib.cli_main(main)
+    rundir.cli_main(main)

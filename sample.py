@@ -30,6 +30,7 @@ import torch.distributed as dist
 import data
 import losses
 import models
+import rundir
 import trainlib
 
 CONFIG = dict(
@@ -63,7 +64,7 @@ def class_labels(mode, num_samples, num_classes, seed=0, class_counts=None):
     A class-free model (num_classes 0, e.g. the released one-step EPG-L/16) takes its null row, label 0."""
     if num_classes == 0:
         if mode not in ("random", "balanced"):
-            raise trainlib.UserError(f"--labels {mode}: this checkpoint is class-free (unconditional); drop --labels")
+            raise rundir.UserError(f"--labels {mode}: this checkpoint is class-free (unconditional); drop --labels")
         return torch.zeros(num_samples, dtype=torch.int64)
     if mode == "random":
         g = torch.Generator().manual_seed(trainlib.mix_seed(seed, 0, _TAG_LABELS))
@@ -77,10 +78,10 @@ def class_labels(mode, num_samples, num_classes, seed=0, class_counts=None):
     except ValueError:
         values = []
     if not values:
-        raise trainlib.UserError(f"--labels {mode!r}: use random, balanced or a comma-separated list of class ids")
+        raise rundir.UserError(f"--labels {mode!r}: use random, balanced or a comma-separated list of class ids")
     bad = [v for v in values if not 0 <= v < num_classes]
     if bad:
-        raise trainlib.UserError(f"class label {bad[0]} is out of range: this model has classes 0..{num_classes - 1}")
+        raise rundir.UserError(f"class label {bad[0]} is out of range: this model has classes 0..{num_classes - 1}")
     return torch.tensor(values, dtype=torch.int64).repeat(math.ceil(num_samples / len(values)))[:num_samples]
 
 
@@ -101,23 +102,23 @@ def clamp_range(mode, normalize="simple"):
 def load_generator(path, weights="ema"):
     """(EPG in eval mode, checkpoint config, stage) of a fine-tuning checkpoint. Only the chosen weights are read
     (memory-mapped, used in place): a process needs about their size in host memory."""
-    state = trainlib.load_checkpoint(path, mmap=True)
+    state = rundir.load_checkpoint(path, mmap=True)
     stage, cfg = state["stage"], state["config"]
     if stage == "pretrain":
-        raise trainlib.UserError(f"'{path}' is a pre-training (RCM) checkpoint, which cannot generate images: "
+        raise rundir.UserError(f"'{path}' is a pre-training (RCM) checkpoint, which cannot generate images: "
                                  f"fine-tune it first with train_diffusion.py or train_consistency.py --init {path}")
     key = "ema" if weights == "ema" else "model"
     if key not in state:
-        raise trainlib.UserError(f"'{path}' holds no {key!r} weights; use --weights online")
+        raise rundir.UserError(f"'{path}' holds no {key!r} weights; use --weights online")
     with torch.device("meta"):                     # no memory: the weights are the checkpoint's mapped tensors
         model = models.build_epg(cfg["model"], cfg["image_size"], cfg["num_classes"])
     try:
         model.load_state_dict(state[key], assign=True)
     except RuntimeError as e:
-        raise trainlib.UserError(f"'{path}': the {key} weights do not match EPG-{cfg['model']} "
+        raise rundir.UserError(f"'{path}': the {key} weights do not match EPG-{cfg['model']} "
                                  f"({str(e).splitlines()[0]})") from None
     if not all(p.isfinite().all() for p in model.parameters()):
-        raise trainlib.UserError(f"'{path}': the {key} weights contain NaN or inf; use an earlier checkpoint")
+        raise rundir.UserError(f"'{path}': the {key} weights contain NaN or inf; use an earlier checkpoint")
     return model.eval().requires_grad_(False), cfg, stage
 
 
@@ -169,11 +170,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for flag in ("num_samples", "batch_size", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise trainlib.UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+            raise rundir.UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.seed < 0:
-        raise trainlib.UserError(f"--seed must be >= 0, got {args.seed}")
+        raise rundir.UserError(f"--seed must be >= 0, got {args.seed}")
     if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
-        raise trainlib.UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+        raise rundir.UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
     return args
 
 
@@ -190,20 +191,20 @@ def resolve_sampler(args, stage, recorded):
             setattr(args, key, CONFIG[key])
     lo, hi = args.cfg_interval
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise trainlib.UserError(f"--cfg-interval LO HI needs LO < HI (finite), got {lo} {hi}")
+        raise rundir.UserError(f"--cfg-interval LO HI needs LO < HI (finite), got {lo} {hi}")
     if (args.sampler == "consistency") != (stage == "consistency"):
-        raise trainlib.UserError(f"--sampler {args.sampler} does not fit a {stage} checkpoint: use "
+        raise rundir.UserError(f"--sampler {args.sampler} does not fit a {stage} checkpoint: use "
                                  f"{'--sampler consistency' if stage == 'consistency' else '--sampler heun or euler'}")
     if args.sampler == "consistency":
         if args.steps not in (1, 2):
-            raise trainlib.UserError(f"consistency sampling takes --steps 1 or 2, got {args.steps}")
+            raise rundir.UserError(f"consistency sampling takes --steps 1 or 2, got {args.steps}")
         if args.cfg_scale != 1.0:
-            raise trainlib.UserError("classifier-free guidance is defined for the diffusion samplers only; "
+            raise rundir.UserError("classifier-free guidance is defined for the diffusion samplers only; "
                                      "drop --cfg-scale or use --sampler heun")
         if args.steps == 2 and args.mid_sigma <= losses.SIGMA_MIN:
-            raise trainlib.UserError(f"--mid-sigma must exceed sigma_min = {losses.SIGMA_MIN}, got {args.mid_sigma}")
+            raise rundir.UserError(f"--mid-sigma must exceed sigma_min = {losses.SIGMA_MIN}, got {args.mid_sigma}")
     elif args.steps < 2:
-        raise trainlib.UserError(f"the {args.sampler} sampler needs --steps >= 2 (grid points), got {args.steps}")
+        raise rundir.UserError(f"the {args.sampler} sampler needs --steps >= 2 (grid points), got {args.steps}")
 
 
 def main():
@@ -218,15 +219,15 @@ def main():
     path = lambda c: os.path.join(chunks, f"{c:06d}.npy")                                 # noqa: E731
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "device", "no_progress")}
     if env.main:
-        trainlib.prepare_output(args.out)
+        rundir.prepare_output(args.out)
         os.makedirs(chunks, exist_ok=True)
         recorded = os.path.join(chunks, "settings.json")
         if os.path.isfile(recorded):
             with open(recorded) as f:
                 if json.load(f) != json.loads(json.dumps(settings)):
-                    raise trainlib.UserError(f"{chunks} holds chunks of a sampling run with other settings; rerun "
+                    raise rundir.UserError(f"{chunks} holds chunks of a sampling run with other settings; rerun "
                                              f"that command to finish it, or use another --out")
-        trainlib.write_json(recorded, settings)
+        rundir.write_json(recorded, settings)
         for c in range(num_chunks):              # a chunk that a crash cut short (no fsync) is drawn again
             rows = min(args.batch_size, args.num_samples - c * args.batch_size)
             if os.path.exists(path(c)) and not chunk_intact(path(c), (rows, size, size, 3)):
@@ -250,14 +251,14 @@ def main():
             x = generate(model, cfg, idx, labels[idx], args, env.device, autocast, counter)
             drawn += len(idx)
             if not torch.isfinite(x).all():
-                raise trainlib.UserError(f"images {idx[0].item()}..{idx[-1].item()} came out NaN/inf: a broken model "
+                raise rundir.UserError(f"images {idx[0].item()}..{idx[-1].item()} came out NaN/inf: a broken model "
                                          f"or sampling settings (try --clamp data, fp32, a smaller --cfg-scale)")
-            trainlib.write_atomically(path(c), lambda f: np.save(f, data.to_uint8_hwc(x, mode)))
+            rundir.write_atomically(path(c), lambda f: np.save(f, data.to_uint8_hwc(x, mode)))
             bar.update(env.world)
-        stop = trainlib.preempted(env)
+        stop = rundir.preempted(env)
         if stop:
             done = sum(os.path.exists(path(k)) for k in range(num_chunks))
-            raise trainlib.Preempted(stop, f"stopped with {done} of {num_chunks} chunks in {chunks}; rerun the same "
+            raise rundir.Preempted(stop, f"stopped with {done} of {num_chunks} chunks in {chunks}; rerun the same "
                                            f"command to draw the others")
     bar.close()
     if env.distributed:
@@ -265,7 +266,7 @@ def main():
     if env.main:
         images = np.concatenate([np.load(path(c)) for c in range(num_chunks)])
         arr_1 = labels.numpy().astype(np.int64)
-        trainlib.write_atomically(os.path.join(args.out, "samples.npz"),
+        rundir.write_atomically(os.path.join(args.out, "samples.npz"),
                                   lambda f: np.savez(f, arr_0=images, arr_1=arr_1))
         data.class_grid(images, arr_1, os.path.join(args.out, "grid.png"))
         if args.png:
@@ -285,4 +286,4 @@ def main():
 
 
 if __name__ == "__main__":
-    trainlib.cli_main(main, data.DataError)
+    rundir.cli_main(main, data.DataError)

@@ -25,6 +25,7 @@ import torch
 import data
 import losses
 import models
+import rundir
 import trainlib
 
 CONFIG = dict(
@@ -75,7 +76,7 @@ PRESETS = {
 def aux_network(args, rcm, log):
     """The frozen copy W of the pre-trained RCM (eq. 9): eval mode, no gradient, outside the optimiser and DDP."""
     if args.aux_ckpt:
-        rcm = trainlib.load_checkpoint(args.aux_ckpt, "pretrain")
+        rcm = rundir.load_checkpoint(args.aux_ckpt, "pretrain")
     if args.aux_weight == 0 or rcm is None:
         if args.aux_weight:
             log("note: --from-scratch without --aux-ckpt: no pre-trained W exists, so the auxiliary loss is off")
@@ -84,7 +85,7 @@ def aux_network(args, rcm, log):
     try:
         W.load_state_dict(rcm["model"])
     except RuntimeError as e:
-        raise trainlib.UserError(f"the RCM for W does not fit RCM-{args.model} at {args.image_size}px "
+        raise rundir.UserError(f"the RCM for W does not fit RCM-{args.model} at {args.image_size}px "
                                  f"({str(e).splitlines()[0]}); pass a matching --init/--aux-ckpt") from None
     log(f"auxiliary network W: RCM-{args.model} (step {rcm['step']}), {args.aux_features} features")
     return W.eval().requires_grad_(False)
@@ -93,7 +94,7 @@ def aux_network(args, rcm, log):
 def parse_args(argv=None):
     args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
     if len(args.lr_milestones) != len(args.lr_factors):
-        raise trainlib.UserError(f"--lr-milestones has {len(args.lr_milestones)} values but --lr-factors "
+        raise rundir.UserError(f"--lr-milestones has {len(args.lr_milestones)} values but --lr-factors "
                                  f"{len(args.lr_factors)}; give one factor per milestone")
     args.lr_milestones = [round(m * args.steps) if m < 1 else int(m) for m in args.lr_milestones]
     return args
@@ -104,35 +105,35 @@ def main(argv=None):
     env = trainlib.init_distributed(args.device)
     device, log = env.device, env.log
     local_batch, micro, accum = trainlib.split_batch(args.batch_size, env.world, args.micro_batch)
-    patch_size = trainlib.checked(models.patch_size_for, args.model, args.image_size)
+    patch_size = rundir.checked(models.patch_size_for, args.model, args.image_size)
     shift = losses.resolution_shift(args.image_size)                              # s = image_size / 64 (Table 9)
     sigma_min = shift * losses.SIGMA_MIN                                          # the shifted boundary of eq. 4
 
     # ---- data, output directory, resume ----
     dataset = data.build_dataset(args.data, args.image_size, "train", args.seed)    # clean images + flips (Table 11)
     num_classes = dataset.num_classes
-    trainlib.prepare_output(args.out, env.main)
-    resume = trainlib.resume_state(args, "consistency", log)
-    rcm = trainlib.load_init(args)                                                # also on resume: W of eq. 9
-    trainlib.inherit(args, "normalize", (resume or rcm or {"config": {}})["config"], "--init or the resumed run")
+    rundir.prepare_output(args.out, env.main)
+    resume = rundir.resume_state(args, "consistency", log)
+    rcm = rundir.load_init(args)                                                # also on resume: W of eq. 9
+    rundir.inherit(args, "normalize", (resume or rcm or {"config": {}})["config"], "--init or the resumed run")
     args.normalize = args.normalize or "simple"
 
     # ---- model: f_theta (the RCM's encoder, a fresh decoder), its EMA, the frozen W of eq. 9; optimiser ----
     torch.manual_seed(args.seed)
     model = models.build_epg(args.model, args.image_size, num_classes, args.dropout)
     if rcm is not None:
-        trainlib.checked(models.load_encoder_from_rcm, model, rcm["model"],
+        rundir.checked(models.load_encoder_from_rcm, model, rcm["model"],
                          context=f"--init {args.init} does not fit EPG-{args.model} at {args.image_size}px: ")
     if args.init_diffusion and resume is None:                # ECT's start: the whole network of a diffusion run
-        dm = trainlib.load_checkpoint(args.init_diffusion, "diffusion")
+        dm = rundir.load_checkpoint(args.init_diffusion, "diffusion")
         if dm["config"].get("normalize") != args.normalize:
-            raise trainlib.UserError(f"--init-diffusion {args.init_diffusion} was trained with --normalize "
+            raise rundir.UserError(f"--init-diffusion {args.init_diffusion} was trained with --normalize "
                                      f"{dm['config'].get('normalize')}, this run uses {args.normalize}; pass "
                                      f"--normalize {dm['config'].get('normalize')} or the diffusion run's --init")
         try:
             model.load_state_dict(dm["ema"])
         except RuntimeError as e:
-            raise trainlib.UserError(f"--init-diffusion {args.init_diffusion} does not fit EPG-{args.model} at "
+            raise rundir.UserError(f"--init-diffusion {args.init_diffusion} does not fit EPG-{args.model} at "
                                      f"{args.image_size}px ({str(e).splitlines()[0]})") from None
         log(f"f_theta starts from the diffusion EMA of {args.init_diffusion} (step {dm['step']})")
     W = aux_network(args, rcm, log)
@@ -141,12 +142,12 @@ def main(argv=None):
               "sigma_min_shifted": sigma_min, "aux_active": W is not None, "data_id": data.identity(dataset),
               "class_counts": data.class_counts(dataset)}
     if resume is not None:
-        trainlib.check_resume(resume["config"], config, steps_fixed=args.lr_schedule == "cosine")
+        rundir.check_resume(resume["config"], config, trainlib.MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")
     model.to(device)
     W = W.to(device) if W is not None else None
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = trainlib.adamw(model, args.lr, args.betas, args.weight_decay, ("pos_embed", "cls_token"), device)
-    start = trainlib.restore(resume, log, model=model, ema=ema, optimizer=optimizer)
+    start = rundir.restore(resume, log, model=model, ema=ema, optimizer=optimizer)
     del resume, rcm
     target = trainlib.compiled(model, args, device)      # the stop-gradient pass: same kernels, same dropout masks
     net = trainlib.ddp(target, env)
@@ -155,7 +156,7 @@ def main(argv=None):
                                  args, device)
     rng_devices = [device.index] if device.type == "cuda" else []
     if env.main:
-        trainlib.write_json(os.path.join(args.out, "config.json"), config)
+        rundir.write_json(os.path.join(args.out, "config.json"), config)
     log(f"EPG-{args.model}/{patch_size} at {args.image_size}px, {models.count_params(model) / 1e6:.2f}M parameters, "
         f"{num_classes} classes; batch {args.batch_size} = {env.world} x {accum} x {micro}, {args.steps} steps, "
         f"lr {args.lr} ({args.lr_schedule}, warm-up {args.warmup}), EMA {args.ema}, shift s = {shift:g}, {device}; "
@@ -208,10 +209,10 @@ def main(argv=None):
             trainlib.ema_update(ema, model, args.ema)
             meter.add(terms)
         meter.log(step + 1, stepper.norm, lr=lr_now, stage=stage)
-        trainlib.checkpoint(env, args, step + 1, state)
+        rundir.checkpoint(env, args, step + 1, state)
     meter.close()
     log(f"done: {args.steps} steps, checkpoint {args.out}/ckpt_last.pt")
 
 
 if __name__ == "__main__":
-    trainlib.cli_main(main)
+    rundir.cli_main(main)

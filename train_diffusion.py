@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 import data
+import evaluate
 import losses
 import models
-import shapes
+import rundir
 import trainlib
 
 CONFIG = dict(
@@ -55,7 +56,7 @@ CONFIG = dict(
     log_every=100,             # append a line to OUT/metrics.jsonl every this many steps
     sample_every=5000,         # write OUT/samples_<step>.png (EMA, Heun) every this many steps (0: only at the end)
     sample_steps=16,           # Heun steps of the in-training grids and the final embedded-data-set evaluation
-    eval_samples=1000,         # EMA samples scored by shapes.embedded_metrics at the end (embedded data set only)
+    eval_samples=1000,         # EMA samples scored by evaluate.embedded_metrics at the end (embedded data set only)
     sampling={},               # guidance of the grids, recorded as sample.py's defaults (empty: the paper's, §4)
 )
 CHOICES = dict(model=tuple(models.MODEL_CONFIGS), lr_schedule=("constant", "cosine"), normalize=data.NORMALIZATIONS)
@@ -119,28 +120,28 @@ def main(argv=None):
     env = trainlib.init_distributed(args.device)
     device, log = env.device, env.log
     local_batch, micro, accum = trainlib.split_batch(args.batch_size, env.world, args.micro_batch)
-    patch_size = trainlib.checked(models.patch_size_for, args.model, args.image_size)
+    patch_size = rundir.checked(models.patch_size_for, args.model, args.image_size)
     shift = losses.resolution_shift(args.image_size)                              # s = image_size / 64 (Table 9)
 
     # ---- data, output directory, resume ----
     dataset = data.build_dataset(args.data, args.image_size, "train", args.seed)
     num_classes = dataset.num_classes
-    trainlib.prepare_output(args.out, env.main)
-    resume = trainlib.resume_state(args, "diffusion", log)
-    rcm = trainlib.load_init(args) if resume is None else None
-    trainlib.inherit(args, "normalize", (resume or rcm or {"config": {}})["config"], "--init or the resumed run")
+    rundir.prepare_output(args.out, env.main)
+    resume = rundir.resume_state(args, "diffusion", log)
+    rcm = rundir.load_init(args) if resume is None else None
+    rundir.inherit(args, "normalize", (resume or rcm or {"config": {}})["config"], "--init or the resumed run")
     args.normalize = args.normalize or "simple"
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "diffusion", "num_classes": num_classes, "patch_size": patch_size, "shift": shift,
               "data_id": data.identity(dataset), "class_counts": data.class_counts(dataset)}
     if resume is not None:
-        trainlib.check_resume(resume["config"], config, steps_fixed=args.lr_schedule == "cosine")
+        rundir.check_resume(resume["config"], config, trainlib.MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")
 
     # ---- model: the RCM's encoder (projector dropped, §3.3) and a fresh decoder; EMA; optimiser ----
     torch.manual_seed(args.seed)
     model = models.build_epg(args.model, args.image_size, num_classes)
     if rcm is not None:
-        trainlib.checked(models.load_encoder_from_rcm, model, rcm["model"],
+        rundir.checked(models.load_encoder_from_rcm, model, rcm["model"],
                          context=f"--init {args.init} does not fit EPG-{args.model} at {args.image_size}px: ")
     model.encoder.requires_grad_(not args.freeze_encoder)
     model.to(device)
@@ -148,12 +149,12 @@ def main(argv=None):
     depth = models.model_config(args.model)["depth"]
     optimizer = trainlib.adamw(model, args.lr, args.betas, args.weight_decay, ("pos_embed", "cls_token"), device,
                                lr_scale=lambda name: layer_decay(name, depth, args.lrd))
-    start = trainlib.restore(resume, log, model=model, ema=ema, optimizer=optimizer)
+    start = rundir.restore(resume, log, model=model, ema=ema, optimizer=optimizer)
     del resume, rcm
     net = trainlib.ddp(trainlib.compiled(model, args, device), env)
     ema_net = trainlib.compiled(ema, args, device)                                # the sample grids, compiled too
     if env.main:
-        trainlib.write_json(os.path.join(args.out, "config.json"), config)
+        rundir.write_json(os.path.join(args.out, "config.json"), config)
     log(f"EPG-{args.model}/{patch_size} at {args.image_size}px, {models.count_params(model) / 1e6:.2f}M parameters, "
         f"{num_classes} classes; batch {args.batch_size} = {env.world} x {accum} x {micro}, {args.steps} steps, "
         f"lr {args.lr} ({args.lr_schedule}, warm-up {args.warmup}), EMA {args.ema}, shift s = {shift:g}, {device}"
@@ -199,7 +200,7 @@ def main(argv=None):
             trainlib.ema_update(ema, model, args.ema)
             meter.add(terms)
         meter.log(step + 1, stepper.norm, lr=lr_now)
-        trainlib.checkpoint(env, args, step + 1, state)
+        rundir.checkpoint(env, args, step + 1, state)
         if env.main and args.sample_every and (step + 1) % args.sample_every == 0 and step + 1 != args.steps:
             sample_grid(ema_net, args, num_classes, device, os.path.join(args.out, f"samples_{step + 1:07d}.png"))
     meter.close()
@@ -214,12 +215,12 @@ def main(argv=None):
             log(f"end-of-run sampling skipped: about {(80 + n_eval) * per_image / 60:.0f} min on {device}, longer "
                 f"than the training itself; sample with: python sample.py --ckpt {args.out}/ckpt_last.pt")
             return
-        with trainlib.stop_on_signal(f"stopped in the end-of-run sampling; the training is complete in {args.out}/"
+        with rundir.stop_on_signal(f"stopped in the end-of-run sampling; the training is complete in {args.out}/"
                                      f"ckpt_last.pt: rerun the same command for the final evaluation and grid"):
             if n_eval:
                 labels = torch.arange(n_eval) * num_classes // n_eval                 # balanced
                 images = sample_grid(ema_net, args, num_classes, device, None, labels, seed=1)
-                result = shapes.embedded_metrics(images, labels.numpy(), args.image_size, device=str(device))
+                result = evaluate.embedded_metrics(images, labels.numpy(), args.image_size, device=str(device))
             grid = sample_grid(ema_net, args, num_classes, device, None)
         if n_eval:
             meter.write(step=args.steps, eval_samples=n_eval, sample_steps=args.sample_steps,
@@ -230,4 +231,4 @@ def main(argv=None):
         log(f"final sample grid: {path}")
 
 if __name__ == "__main__":
-    trainlib.cli_main(main)
+    rundir.cli_main(main)

@@ -35,7 +35,7 @@ def run_torchrun():
 def classifier_cache(tmp_path_factory):
     """The 32x32 reference classifier of shapes.py, trained once per session into a temporary cache (shared by the
     data.py tests and the demo test, which would otherwise each train it)."""
-    import shapes
+    import evaluate
     cache = tmp_path_factory.mktemp("epg_cache")
-    shapes.reference_classifier(32, cache_dir=cache)
+    evaluate.reference_classifier(32, cache_dir=cache)
     return cache

@@ -17,7 +17,7 @@ import models
 import pretrain
 import train_consistency
 import train_diffusion
-import trainlib
+import rundir
 
 SIZE, DEPTH = 16, models.MODEL_CONFIGS["T"]["depth"]
 COMMON = ["--model", "T", "--image-size", SIZE, "--batch-size", 4, "--device", "cpu", "--log-every", 1]
@@ -28,7 +28,7 @@ def rcm(tmp_path_factory):
     torch.manual_seed(0)
     model = models.build_rcm("T", SIZE)
     path = tmp_path_factory.mktemp("rcm") / "rcm.pt"
-    trainlib.save_checkpoint(str(path), {"stage": "pretrain", "config": {"model": "T", "image_size": SIZE,
+    rundir.save_checkpoint(str(path), {"stage": "pretrain", "config": {"model": "T", "image_size": SIZE,
                                                                          "normalize": "simple"},
                                          "step": 0, "model": model.state_dict()})
     return str(path), {k: v.clone() for k, v in model.state_dict().items()}

@@ -14,7 +14,7 @@ import models
 import pretrain
 import train_consistency
 import train_diffusion
-import trainlib
+import rundir
 
 SIZE = 16
 # the compiled call sites of one step: pretrain online (fwd + bwd), momentum, sg target; diffusion the network;
@@ -26,7 +26,7 @@ GRAPHS = {"pretrain": 3, "diffusion": 1, "consistency": 4}
 def rcm(tmp_path_factory):
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("rcm") / "rcm.pt")
-    trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {"model": "T", "image_size": SIZE},
+    rundir.save_checkpoint(path, {"stage": "pretrain", "config": {"model": "T", "image_size": SIZE},
                                     "step": 0, "model": models.build_rcm("T", SIZE).state_dict()})
     return path
 
@@ -41,7 +41,7 @@ def compiled_graphs(name, steps, rcm, out, monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    trainlib.cli_main(lambda: script.main([str(a) for a in args]), data.DataError)
+    rundir.cli_main(lambda: script.main([str(a) for a in args]), data.DataError)
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 

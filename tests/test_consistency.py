@@ -16,6 +16,7 @@ import torch
 
 import losses
 import models
+import rundir
 import trainlib
 import train_consistency as tc
 
@@ -47,7 +48,7 @@ def rcm_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     rcm = models.build_rcm("T", SIZE)
     path = str(tmp_path_factory.mktemp("rcm") / "rcm.pt")
-    trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {"model": "T", "image_size": SIZE,
+    rundir.save_checkpoint(path, {"stage": "pretrain", "config": {"model": "T", "image_size": SIZE,
                                                                     "normalize": "simple"},
                                     "step": 0, "model": rcm.state_dict()})
     return path
@@ -191,7 +192,7 @@ def test_dropout_masks_match_in_the_real_network():
 # ----------------------------------------------------------------------------------------------------------------
 def test_aux_loss_gradient_reaches_generator_not_w(rcm_ckpt):
     args = argparse.Namespace(aux_weight=1.0, aux_ckpt=None, model="T", image_size=SIZE, aux_features="encoder")
-    W = tc.aux_network(args, trainlib.load_checkpoint(rcm_ckpt), log=lambda *a: None)
+    W = tc.aux_network(args, rundir.load_checkpoint(rcm_ckpt), log=lambda *a: None)
     assert not W.training and not any(p.requires_grad for p in W.parameters())
     generator = randomize(models.build_epg("T", SIZE, num_classes=10, decoder_dropout=0.5), seed=2).train()
     x0 = torch.randn(4, 3, SIZE, SIZE).clamp(-1, 1)
@@ -250,7 +251,7 @@ def test_few_training_steps_are_finite(tmp_path, rcm_ckpt):
     for r in records:
         assert all(math.isfinite(r[k]) for k in ("loss", "loss_consistency", "loss_aux", "grad_norm"))
         assert r["loss_aux"] > 0
-    state = trainlib.load_checkpoint(str(out / "ckpt_last.pt"), stage="consistency")
+    state = rundir.load_checkpoint(str(out / "ckpt_last.pt"), stage="consistency")
     assert state["step"] == 4 and set(state) >= {"config", "model", "ema", "optimizer"}
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     init = models.build_epg("T", SIZE, 10)
@@ -260,7 +261,7 @@ def test_few_training_steps_are_finite(tmp_path, rcm_ckpt):
 
 def test_cli_misuse_exits_with_code_2(tmp_path):
     with pytest.raises(SystemExit) as e:
-        trainlib.cli_main(lambda: tc.main(["--model", "T", "--out", str(tmp_path / "x"), "--steps", "1"]))  # no --init
+        rundir.cli_main(lambda: tc.main(["--model", "T", "--out", str(tmp_path / "x"), "--steps", "1"]))  # no --init
     assert e.value.code == 2
 
 
@@ -345,12 +346,12 @@ def test_init_diffusion_starts_f_theta_from_the_diffusion_ema(tmp_path, rcm_ckpt
     at zero from step 0, one step leaves the network as loaded: every tensor equals the diffusion EMA's."""
     ema = randomize(models.build_epg("T", SIZE, num_classes=10), seed=3).state_dict()
     dm = str(tmp_path / "dm.pt")
-    trainlib.save_checkpoint(dm, {"stage": "diffusion", "config": {"model": "T", "image_size": SIZE,
+    rundir.save_checkpoint(dm, {"stage": "diffusion", "config": {"model": "T", "image_size": SIZE,
                                                                    "normalize": "simple"},
                                   "step": 7, "model": ema, "ema": ema})
     args = tiny_args(tmp_path / "cm", rcm_ckpt, 1)
     args[args.index("--lr-factors") + 1] = "0"
     args[args.index("--lr-milestones") + 1] = "0"
     tc.main(args + ["--init-diffusion", dm])
-    model = trainlib.load_checkpoint(str(tmp_path / "cm" / "ckpt_last.pt"), "consistency")["model"]
+    model = rundir.load_checkpoint(str(tmp_path / "cm" / "ckpt_last.pt"), "consistency")["model"]
     assert model.keys() == ema.keys() and all(torch.equal(model[k], ema[k]) for k in ema)

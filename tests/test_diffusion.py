@@ -16,7 +16,7 @@ import losses
 import models
 import sample
 import train_diffusion
-import trainlib
+import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16                                  # EPG-T at 16x16: 8x8 tokens of 2x2 pixels
@@ -50,7 +50,7 @@ def rcm_path(tmp_path_factory):
 # Initialisation from the pre-trained encoder (§3.3)
 # ----------------------------------------------------------------------------------------------------------------
 def run_main(argv):
-    trainlib.cli_main(lambda: train_diffusion.main([str(a) for a in argv]))
+    rundir.cli_main(lambda: train_diffusion.main([str(a) for a in argv]))
 
 
 def test_pretrained_encoder_transfers_exactly(tmp_path):
@@ -218,7 +218,7 @@ def test_changed_settings_refuse_to_resume(rcm_path, uninterrupted, tmp_path, mo
     args[args.index("--batch-size") + 1] = 8
     monkeypatch.setattr(sys, "argv", ["train_diffusion.py", *map(str, args)])
     with pytest.raises(SystemExit) as e:
-        trainlib.cli_main(train_diffusion.main)
+        rundir.cli_main(train_diffusion.main)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "cannot resume" in err and "--batch-size" in err and "\n" not in err
     assert load(out / "ckpt_last.pt")["step"] == 4                     # nothing was overwritten

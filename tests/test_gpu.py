@@ -13,6 +13,7 @@ import models
 import pretrain
 import train_consistency
 import train_diffusion
+import rundir
 import trainlib
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -100,7 +101,7 @@ def test_no_host_synchronisation_inside_a_training_step(name, tmp_path, monkeypa
     torch.cuda.set_sync_debug_mode('error'), which raises on any synchronising CUDA call."""
     torch.manual_seed(0)
     rcm = str(tmp_path / "rcm.pt")
-    trainlib.save_checkpoint(rcm, {"stage": "pretrain", "config": {"model": "T", "image_size": 32}, "step": 0,
+    rundir.save_checkpoint(rcm, {"stage": "pretrain", "config": {"model": "T", "image_size": 32}, "step": 0,
                                    "model": models.build_rcm("T", 32).state_dict()})
     seed_step = trainlib.seed_step
 
@@ -116,7 +117,7 @@ def test_no_host_synchronisation_inside_a_training_step(name, tmp_path, monkeypa
     args += {"pretrain": ["--probe-every", 0], "diffusion": ["--init", rcm, "--sample-every", 0, "--eval-samples", 0],
              "consistency": ["--init", rcm]}[name]
     try:
-        trainlib.cli_main(functools.partial(script.main, [str(a) for a in args]), data.DataError)
+        rundir.cli_main(functools.partial(script.main, [str(a) for a in args]), data.DataError)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.load(tmp_path / "out" / "ckpt_last.pt", weights_only=True)["step"] == 3

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import gpu_check  # noqa: E402
-import trainlib  # noqa: E402
+import rundir  # noqa: E402
 
 
 def test_every_phase_runs_on_cpu_and_prints_the_summary(tmp_path):
@@ -33,7 +33,7 @@ def test_every_phase_runs_on_cpu_and_prints_the_summary(tmp_path):
 
 
 def test_a_run_is_judged_on_its_checkpoint_its_logged_steps_and_where_required_its_loss_trend(tmp_path):
-    trainlib.save_checkpoint(str(tmp_path / "ckpt_last.pt"), {"stage": "pretrain", "config": {}, "step": 6})
+    rundir.save_checkpoint(str(tmp_path / "ckpt_last.pt"), {"stage": "pretrain", "config": {}, "step": 6})
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step, loss in enumerate([3.0, 3.0, 3.0, 4.0, 4.0, 5.0], start=1):
             f.write(json.dumps({"step": step, "loss": loss, "images_per_s": 10.0, "peak_mem_gb": 1.5}) + "\n")

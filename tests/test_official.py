@@ -26,7 +26,7 @@ import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import official  # noqa: E402
-import trainlib  # noqa: E402
+import rundir  # noqa: E402
 
 # Two tiny configurations registered for the tests, like B (RCM-B) and XL (same encoder, wider decoder) in the paper:
 # "TW" has a decoder wider than its encoder, so the width bridge (encoder_to_decoder) is exercised; "TR" mirrors the
@@ -463,7 +463,7 @@ def test_convert_writes_an_epg_checkpoint_that_computes_the_official_forward(tin
     assert ckpt["config"] == {"model": "TW", "image_size": TINY_IMAGE, "patch_size": TINY_PATCH, "num_classes": 10,
                               "normalize": "imagenet", "converted_from": str(tmp_path / "nnet_ema.pth"),
                               "sampling": official.OFFICIAL_SAMPLING["diffusion"]}
-    assert trainlib.load_checkpoint(str(tmp_path / "epg.pt"), ("diffusion", "consistency"))["stage"] == "diffusion"
+    assert rundir.load_checkpoint(str(tmp_path / "epg.pt"), ("diffusion", "consistency"))["stage"] == "diffusion"
     # rebuilt from the file alone, it computes the official forward of the EMA weights (by official names)
     cfg = ckpt["config"]
     model = models.build_epg(cfg["model"], cfg["image_size"], cfg["num_classes"]).eval()
@@ -490,7 +490,7 @@ def test_convert_writes_an_rcm_checkpoint_for_init(tiny_config, tmp_path):
     assert set(ckpt) == {"stage", "config", "step", "model"} and (ckpt["stage"], ckpt["step"]) == ("pretrain", 0)
     assert ckpt["config"] == {"model": "TR", "image_size": TINY_IMAGE, "patch_size": TINY_PATCH, "proj_dim": 16,
                               "normalize": "imagenet", "converted_from": str(tmp_path / "nnet.pth")}
-    trainlib.load_checkpoint(str(tmp_path / "rcm.pt"), "pretrain")
+    rundir.load_checkpoint(str(tmp_path / "rcm.pt"), "pretrain")
     rcm = models.build_rcm("TR", TINY_IMAGE, 16).eval()
     rcm.load_state_dict(ckpt["model"], strict=True)
     x, c_noise, _ = _inputs(TINY_IMAGE)
@@ -556,7 +556,7 @@ def test_convert_killed_while_writing_leaves_no_output(tmp_path):
     result = subprocess.run([sys.executable, os.path.join("tools", "official.py"), "convert", str(tmp_path),
                              str(tmp_path / "out.pt")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith(f"wrote {tmp_path / 'out.pt'}: EPG-T/4"), result.stderr
-    assert trainlib.load_checkpoint(str(tmp_path / "out.pt"), "diffusion")["config"]["model"] == "T"
+    assert rundir.load_checkpoint(str(tmp_path / "out.pt"), "diffusion")["config"]["model"] == "T"
 
 
 # ----------------------------------------------------------------------------------------------------------------

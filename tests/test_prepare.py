@@ -16,7 +16,7 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import data  # noqa: E402
 import prepare  # noqa: E402
-import trainlib  # noqa: E402
+import rundir  # noqa: E402
 
 
 def prepare_cli(*args, preexec_fn=None):
@@ -91,16 +91,16 @@ def test_16_bit_grayscale_pngs_keep_their_values(tmp_path):
 
 
 def test_bad_source_or_destination_is_one_user_error(tmp_path):
-    with pytest.raises(trainlib.UserError, match="does not exist"):
+    with pytest.raises(rundir.UserError, match="does not exist"):
         prepare.prepare(tmp_path / "nope", tmp_path / "out", 16)
     (tmp_path / "src" / "cls").mkdir(parents=True)
     Image.new("RGB", (20, 20)).save(tmp_path / "src" / "cls" / "a.png")
     (tmp_path / "dst_file").write_bytes(b"a regular file")
-    with pytest.raises(trainlib.UserError, match=r"cannot write .*dst_file.*Not a directory"):
+    with pytest.raises(rundir.UserError, match=r"cannot write .*dst_file.*Not a directory"):
         prepare.prepare(tmp_path / "src", tmp_path / "dst_file", 16)
     (tmp_path / "dst" / "cls").parent.mkdir()
     (tmp_path / "dst" / "cls").write_bytes(b"a file where a class folder goes")
-    with pytest.raises(trainlib.UserError, match=r"cannot write .*a\.png"):
+    with pytest.raises(rundir.UserError, match=r"cannot write .*a\.png"):
         prepare.prepare(tmp_path / "src", tmp_path / "dst", 16)
     assert (tmp_path / "dst_file").read_bytes() == b"a regular file"
 

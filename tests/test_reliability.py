@@ -27,13 +27,14 @@ import torch
 from PIL import Image
 
 import data
-import shapes
+import evaluate
 import fid
 import models
 import pretrain
 import sample
 import train_consistency
 import train_diffusion
+import rundir
 import trainlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,11 +71,11 @@ def snapshot(folder):
 
 
 def cli(monkeypatch, capsys, module, argv):
-    """Run `module.main` in this process as `python module.py argv` under trainlib.cli_main.
+    """Run `module.main` in this process as `python module.py argv` under rundir.cli_main.
     Returns (exit code, stdout, stderr); exit code 0 when main returned normally."""
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
     try:
-        code = trainlib.cli_main(module.main, fid.MetricsError) or 0
+        code = rundir.cli_main(module.main, fid.MetricsError) or 0
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()
@@ -114,7 +115,7 @@ def files(tmp_path_factory):
         torch.manual_seed(0)
         rcm = models.build_rcm("T", size)
         paths[f"rcm{size}"] = str(root / f"rcm{size}.pt")
-        trainlib.save_checkpoint(paths[f"rcm{size}"], {
+        rundir.save_checkpoint(paths[f"rcm{size}"], {
             "stage": "pretrain", "config": {"model": "T", "image_size": size, "normalize": "simple"},
             "step": 0, "model": rcm.state_dict()})
     torch.manual_seed(1)
@@ -122,7 +123,7 @@ def files(tmp_path_factory):
     config = dict(model="T", image_size=SIZE, num_classes=10, normalize="simple", patch_size=2)
     for name, cfg in (("dm", config), ("dm_wrong_size", {**config, "model": "S"})):
         paths[name] = str(root / f"{name}.pt")
-        trainlib.save_checkpoint(paths[name], {"stage": "diffusion", "config": cfg, "step": 3, "model": epg,
+        rundir.save_checkpoint(paths[name], {"stage": "diffusion", "config": cfg, "step": 3, "model": epg,
                                                "ema": epg, "optimizer": {}})
     blob = open(paths["dm"], "rb").read()
     paths["truncated_ckpt"] = str(root / "truncated.pt")
@@ -179,7 +180,7 @@ def base_args(script, files):
         train_consistency: common + ["--init", files["rcm16"]],
         sample: ["--ckpt", files["dm"], "--num-samples", 2, "--steps", 2, "--device", "cpu", "--no-progress"],
         fid: ["--device", "cpu", "--no-progress"],                               # + SAMPLES [REFERENCE]
-        shapes: ["score"],                                                       # + SAMPLES
+        evaluate: ["score"],                                                       # + SAMPLES
     }[script]
 
 
@@ -294,7 +295,7 @@ def finished_runs(files, tmp_path_factory):
             runs[name] = root / name
             mp.setattr(sys, "argv", [f"{script.__name__}.py",
                                      *map(str, base_args(script, files) + ["--out", runs[name]])])
-            trainlib.cli_main(script.main)
+            rundir.cli_main(script.main)
     finally:
         mp.undo()
     return runs
@@ -422,7 +423,7 @@ BAD_INPUTS = _trainer_cases() + [pytest.param(script, extra, expected, id=f"{scr
 
 @pytest.mark.parametrize("name,extra,expected", BAD_INPUTS)
 def test_bad_input_is_one_clear_line_and_exit_code_2(name, extra, expected, files, tmp_path, monkeypatch, capsys):
-    script = TRAINERS.get(name) or {"sample": sample, "fid": fid, "score": shapes}[name]
+    script = TRAINERS.get(name) or {"sample": sample, "fid": fid, "score": evaluate}[name]
     out = tmp_path / "out"
     argv = base_args(script, files)
     for item in extra:
@@ -436,7 +437,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(name, extra, expected, file
     if script is fid:
         monkeypatch.delenv("EPG_INCEPTION", raising=False)
         monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    elif script is not shapes:
+    elif script is not evaluate:
         argv += ["--out", out]
     before = snapshot(out)
     code, _, err = cli(monkeypatch, capsys, script, argv)
@@ -629,7 +630,7 @@ def fill(folder):
                 f.write(b"\0" * 65536)
 
 
-HOLDER = ("import sys, time; sys.path.insert(0, {root!r}); import trainlib; trainlib.prepare_output({out!r}); "
+HOLDER = ("import sys, time; sys.path.insert(0, {root!r}); import rundir; rundir.prepare_output({out!r}); "
           "print('locked', flush=True); time.sleep(60)")
 
 
@@ -648,21 +649,21 @@ def test_a_lock_of_another_node_holds_while_its_lease_is_renewed_and_is_taken_ov
         assert holder.stdout.readline().strip() == "locked"
         assert open(lock).read().split()[0] == "other"
         time.sleep(1.5)                                           # past the lease: only its renewal keeps it fresh
-        with pytest.raises(trainlib.UserError, match="in use by another run .host other"):
-            trainlib.prepare_output(str(out))
+        with pytest.raises(rundir.UserError, match="in use by another run .host other"):
+            rundir.prepare_output(str(out))
     finally:
         holder.kill()
         holder.wait()
     os.utime(lock, (time.time() - 2, time.time() - 2))            # the lease of the killed run runs out
-    trainlib.prepare_output(str(out))
+    rundir.prepare_output(str(out))
     assert "taking over the lock of host other" in capsys.readouterr().err
     assert open(lock).read().split()[1] == str(os.getpid())
-    trainlib.release_locks()
+    rundir.release_locks()
     for garbage in (b"", b"\xff\x00 not a lock"):
         lock.write_bytes(garbage)
-        trainlib.prepare_output(str(out))
+        rundir.prepare_output(str(out))
         assert "taking over the unreadable lock" in capsys.readouterr().err
-        trainlib.release_locks()
+        rundir.release_locks()
 
 
 def test_a_full_disk_while_logging_stops_in_one_line_and_a_torn_log_never_blocks_the_resume(files, tmp_path,
@@ -771,8 +772,8 @@ def test_a_corrupt_last_checkpoint_is_caught_by_its_checksum_and_the_newest_inta
         (out / "ckpt_last.pt").write_bytes(blob)
     flip_a_byte()
     assert load(out / "ckpt_last.pt")["step"] == 4                # torch.load does not notice
-    with pytest.raises(trainlib.UserError, match="does not match the sha256"):
-        trainlib.load_checkpoint(str(out / "ckpt_last.pt"))
+    with pytest.raises(rundir.UserError, match="does not match the sha256"):
+        rundir.load_checkpoint(str(out / "ckpt_last.pt"))
     code, stdout, err = cli(monkeypatch, capsys, script, args + ["--out", out])
     assert code == 0 and f"resuming from {out}/ckpt_0000002.pt (step 2) instead" in err, err[-2000:]
     assert f"resumed from {out}/ckpt_0000002.pt at step 2" in stdout
@@ -805,14 +806,14 @@ def test_class_folders_without_images_and_symlink_loops_are_one_line(tmp_path):
 
 
 def test_score_checks_its_destination_before_scoring(files, tmp_path, monkeypatch, capsys):
-    """shapes.py score --out into a missing folder or onto a full disk (tmpfs): one line, exit 2, before any work
+    """evaluate.py score --out into a missing folder or onto a full disk (tmpfs): one line, exit 2, before any work
     (the reference classifier, trained into --cache-dir otherwise, is never built)."""
     args = ["score", files["npz_good"], "--cache-dir", tmp_path / "cache"]
-    code, _, err = cli(monkeypatch, capsys, shapes, args + ["--out", tmp_path / "missing" / "m.json"])
+    code, _, err = cli(monkeypatch, capsys, evaluate, args + ["--out", tmp_path / "missing" / "m.json"])
     assert_user_error(code, err, "does not exist")
     with small_disk(tmp_path / "disk", "64k") as disk:
         fill(disk)
-        code, _, err = cli(monkeypatch, capsys, shapes, args + ["--out", disk / "m.json"])
+        code, _, err = cli(monkeypatch, capsys, evaluate, args + ["--out", disk / "m.json"])
         assert_user_error(code, err, "MB free")
         assert os.listdir(disk) == ["filler"]
     assert not (tmp_path / "cache").exists()
@@ -844,7 +845,7 @@ def test_a_second_ctrl_c_stops_at_once():
     trainlib.init_distributed("cpu")
     try:
         os.kill(os.getpid(), signal.SIGINT)
-        assert trainlib.preempted(trainlib.Env(0, 1, 0, torch.device("cpu"))) == signal.SIGINT
+        assert rundir.preempted(trainlib.Env(0, 1, 0, torch.device("cpu"))) == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
@@ -855,10 +856,10 @@ def test_a_second_ctrl_c_stops_at_once():
 
 SLOW_SAVE = """
 import runpy, sys, time, torch
-import trainlib
+import rundir
 real_save = torch.save
 def slow_save(obj, f, *args, **kwargs):        # the save that a stop request triggers takes a minute
-    if trainlib._STOP["signal"]:
+    if rundir._STOP["signal"]:
         f.write(b"partial")
         f.flush()
         time.sleep(60)
@@ -908,6 +909,7 @@ def test_torchrun_killed_in_a_slow_save_claims_nothing_and_the_same_command_fini
 STOP_WITH_A_SLOW_SAVE = """
 import os, signal, sys, time, types
 sys.path.insert(0, {root!r})
+import rundir
 import trainlib
 env = trainlib.init_distributed("cpu")
 os.kill(os.getpid(), signal.SIGTERM)
@@ -916,8 +918,8 @@ def state():                                   # rank 0's checkpoint write takes
     time.sleep(2)
     return {{"stage": "pretrain", "config": {{}}, "step": 3}}
 try:
-    trainlib.checkpoint(env, types.SimpleNamespace(out=sys.argv[1], ckpt_every=100, steps=10, keep_every=0), 3, state)
-except trainlib.Preempted:
+    rundir.checkpoint(env, types.SimpleNamespace(out=sys.argv[1], ckpt_every=100, steps=10, keep_every=0), 3, state)
+except rundir.Preempted:
     print(time.time())
 """
 
@@ -936,9 +938,9 @@ def test_on_a_stop_no_rank_leaves_before_rank_0_has_saved(tmp_path):
 
 
 @pytest.mark.parametrize("rank,local_rank,error,code,said", [
-    ("1", "1", trainlib.UserError("bad flag"), 2, False),       # a second process of a node: quiet
-    ("2", "0", trainlib.UserError("bad flag"), 2, True),        # the first process of another node: one line there
-    ("2", "0", trainlib.Preempted(signal.SIGTERM, "holds"), 143, False)])   # only rank 0 saved the checkpoint
+    ("1", "1", rundir.UserError("bad flag"), 2, False),       # a second process of a node: quiet
+    ("2", "0", rundir.UserError("bad flag"), 2, True),        # the first process of another node: one line there
+    ("2", "0", rundir.Preempted(signal.SIGTERM, "holds"), 143, False)])   # only rank 0 saved the checkpoint
 def test_under_torchrun_an_error_is_said_once_per_node_and_a_preemption_by_rank_0(rank, local_rank, error, code,
                                                                                   said, monkeypatch, capsys):
     monkeypatch.setenv("RANK", rank)
@@ -947,5 +949,5 @@ def test_under_torchrun_an_error_is_said_once_per_node_and_a_preemption_by_rank_
     def main():
         raise error
     with pytest.raises(SystemExit) as exit_info:
-        trainlib.cli_main(main)
+        rundir.cli_main(main)
     assert exit_info.value.code == code and bool(capsys.readouterr().err) == said

@@ -15,7 +15,7 @@ from PIL import Image
 import losses
 import models
 import sample
-import trainlib
+import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
@@ -223,7 +223,7 @@ def test_labels_balanced_random_and_lists():
     counts = np.bincount(random.numpy(), minlength=10)
     assert counts.min() > 1800 and counts.max() < 2200                # uniform: 2000 +- 4.7 std
     assert sample.class_labels("3,5", 5, 10).tolist() == [3, 5, 3, 5, 3]
-    with pytest.raises(trainlib.UserError):
+    with pytest.raises(rundir.UserError):
         sample.class_labels("12", 5, 10)
 
 
@@ -291,7 +291,7 @@ def test_two_processes_give_the_same_samples_as_one(diffusion_ckpt, tmp_path, ru
 def cli_error(monkeypatch, capsys, *argv):
     monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, argv)])
     with pytest.raises(SystemExit) as e:
-        trainlib.cli_main(sample.main)
+        rundir.cli_main(sample.main)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error:") and "\n" not in err and "Traceback" not in err
     return err

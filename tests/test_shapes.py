@@ -1,4 +1,5 @@
-"""Tests for shapes.py: the embedded data set, its reference classifier, class accuracy and FD_ref, the CLI.
+"""Tests for shapes.py (the embedded data set, its preview) and evaluate.py's reference classifier: class accuracy and
+FD_ref, the score CLI.
 
 Every expectation comes from a closed form, an invariant or an independent computation, never from shapes.py's output.
 """
@@ -17,14 +18,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import evaluate  # noqa: E402
 import shapes  # noqa: E402
-import trainlib  # noqa: E402
+import rundir  # noqa: E402
 
 
 def shapes_cli(*argv):
-    """`python shapes.py ARGV` in this process: its exit code (0, or 2 for a user error)."""
+    """`python shapes.py ARGV` (`python evaluate.py score ...` for score) in this process: its exit code (0, or 2 for a
+    user error)."""
+    module = evaluate if argv[0] == "score" else shapes
     try:
-        trainlib.cli_main(lambda: shapes.main([str(a) for a in argv]))
+        rundir.cli_main(lambda: module.main([str(a) for a in argv]))
     except SystemExit as e:
         return e.code
     return 0
@@ -97,14 +101,14 @@ def embedded_split(split, seed=0, length=None):
 
 
 def test_reference_classifier_accuracy_and_cache(classifier_cache, capsys):
-    classifier = shapes.reference_classifier(32, cache_dir=classifier_cache)
+    classifier = evaluate.reference_classifier(32, cache_dir=classifier_cache)
     assert "training" not in capsys.readouterr().err  # loaded from the cache, not retrained
     assert not classifier.training
     # 0.90: the judge of class accuracy must stay well above what the scored models reach (0.1-0.7 in BENCHMARKS.md);
     # its schedule reached 0.933-0.957 on different CPUs (float rounding differs), so 0.90 leaves room for that.
     assert classifier.val_acc >= 0.90
     images, labels = embedded_split("val")
-    features, logits = shapes.classify(classifier, torch.from_numpy(images).permute(0, 3, 1, 2))
+    features, logits = evaluate.classify(classifier, torch.from_numpy(images).permute(0, 3, 1, 2))
     assert features.shape == (len(images), 128) and logits.shape == (len(images), 10)
     assert (logits.argmax(1).numpy() == labels).mean() == pytest.approx(classifier.val_acc)
     floats = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 255  # float [0, 1] input too
@@ -114,13 +118,13 @@ def test_reference_classifier_accuracy_and_cache(classifier_cache, capsys):
 
 def test_embedded_metrics_of_real_and_noise_images(classifier_cache):
     val_images, val_labels = embedded_split("val")
-    same = shapes.embedded_metrics(val_images, val_labels, cache_dir=classifier_cache)
+    same = evaluate.embedded_metrics(val_images, val_labels, cache_dir=classifier_cache)
     assert abs(same["fd_ref"]) < 1e-6 and same["class_acc"] == pytest.approx(same["val_acc"])
     fresh_images, fresh_labels = embedded_split("val", seed=1, length=500)  # other shapes, same law
-    fresh = shapes.embedded_metrics(fresh_images, fresh_labels, cache_dir=classifier_cache)
+    fresh = evaluate.embedded_metrics(fresh_images, fresh_labels, cache_dir=classifier_cache)
     assert fresh["class_acc"] > 0.8
     noise = np.random.default_rng(8).integers(0, 256, (500, 32, 32, 3), dtype=np.uint8)
-    noisy = shapes.embedded_metrics(noise, fresh_labels, cache_dir=classifier_cache)
+    noisy = evaluate.embedded_metrics(noise, fresh_labels, cache_dir=classifier_cache)
     assert noisy["class_acc"] < 0.3  # chance is 0.1
     assert noisy["fd_ref"] > 20 * fresh["fd_ref"]
 
@@ -136,8 +140,8 @@ def test_score_cli_prints_labelled_lines_and_json(classifier_cache, tmp_path, ca
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert set(written) == {"fd_ref", "class_acc", "val_acc"}
     assert float(lines[1].split(": ")[1]) == pytest.approx(written["class_acc"], abs=1e-6)
-    assert written["class_acc"] == pytest.approx(np.mean(shapes.classify(
-        shapes.reference_classifier(32, cache_dir=classifier_cache),
+    assert written["class_acc"] == pytest.approx(np.mean(evaluate.classify(
+        evaluate.reference_classifier(32, cache_dir=classifier_cache),
         torch.from_numpy(images).permute(0, 3, 1, 2))[1].argmax(1).numpy() == labels))
 
 
@@ -164,7 +168,7 @@ def test_score_refuses_bad_samples_in_one_line(tmp_path, capsys, arrays, message
 
 def test_score_exit_code_and_unreadable_file(tmp_path):
     (tmp_path / "text.npz").write_text("not an npz")
-    result = subprocess.run([sys.executable, str(ROOT / "shapes.py"), "score", str(tmp_path / "text.npz"),
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "score", str(tmp_path / "text.npz"),
                              "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: cannot read")
     assert len(result.stderr.strip().splitlines()) == 1

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import rundir
 import trainlib
 
 
@@ -14,9 +15,9 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    trainlib.save_checkpoint(path, {"stage": "diffusion", "config": {"model": "T"}, "step": 3,
+    rundir.save_checkpoint(path, {"stage": "diffusion", "config": {"model": "T"}, "step": 3,
                                     "model": model.state_dict(), "optimizer": opt.state_dict()})
-    state = trainlib.load_checkpoint(path, stage="diffusion")          # weights_only=True inside
+    state = rundir.load_checkpoint(path, stage="diffusion")          # weights_only=True inside
     assert state["step"] == 3 and torch.equal(state["model"]["weight"], model.weight)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.sha256"]  # no temporary file left behind
 
@@ -25,43 +26,43 @@ def test_a_kill_between_the_checkpoint_rename_and_its_checksum_record_loses_noth
     """ckpt.pt.sha256 names the old and the new file while the new one is renamed into place, so that a kill
     between the rename and the final record leaves a checkpoint that loads (and still one that is checked)."""
     path = str(tmp_path / "ckpt.pt")
-    trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 1, "w": torch.zeros(3)})
-    record = trainlib._record_digests
+    rundir.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 1, "w": torch.zeros(3)})
+    record = rundir._record_digests
 
     def killed_after_the_rename(p, digests):
         if len(digests) == 1:                                          # the final record: the process dies here
             raise SystemExit("killed")
         record(p, digests)
-    monkeypatch.setattr(trainlib, "_record_digests", killed_after_the_rename)
+    monkeypatch.setattr(rundir, "_record_digests", killed_after_the_rename)
     with pytest.raises(SystemExit):
-        trainlib.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 2, "w": torch.ones(3)})
-    assert trainlib.load_checkpoint(path)["step"] == 2
+        rundir.save_checkpoint(path, {"stage": "pretrain", "config": {}, "step": 2, "w": torch.ones(3)})
+    assert rundir.load_checkpoint(path)["step"] == 2
     with open(path, "r+b") as f:                                       # the record still catches a flipped byte
         f.seek(os.path.getsize(path) // 2)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(trainlib.UserError, match="does not match the sha256"):
-        trainlib.load_checkpoint(path)
+    with pytest.raises(rundir.UserError, match="does not match the sha256"):
+        rundir.load_checkpoint(path)
 
 
 FULL_DISK = """
 import os, resource, signal, sys, torch
 sys.path.insert(0, {root!r})
-import trainlib
+import rundir
 folder, limit = sys.argv[1], int(sys.argv[2])
 if limit:                                            # no small filesystem to mount: a file-size limit instead
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 path = os.path.join(folder, "ckpt_last.pt")
-trainlib.save_checkpoint(path, {{"stage": "pretrain", "config": {{}}, "step": 1, "w": torch.ones(20_000)}})
+rundir.save_checkpoint(path, {{"stage": "pretrain", "config": {{}}, "step": 1, "w": torch.ones(20_000)}})
 try:
-    trainlib.save_checkpoint(path, {{"stage": "pretrain", "config": {{}}, "step": 2, "w": torch.ones(2_000_000)}})
-except trainlib.UserError as e:
+    rundir.save_checkpoint(path, {{"stage": "pretrain", "config": {{}}, "step": 2, "w": torch.ones(2_000_000)}})
+except rundir.UserError as e:
     print(e)
     try:
-        trainlib.prepare_output(os.path.join(folder, "run"))    # the rerun's own write test on the full disk
-    except trainlib.UserError as e:
+        rundir.prepare_output(os.path.join(folder, "run"))    # the rerun's own write test on the full disk
+    except rundir.UserError as e:
         print(e)
 """
 
@@ -81,7 +82,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tm
                                  "0" if mounted else str(1 << 20)], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "could not write checkpoint" in result.stdout and "previous checkpoint is intact" in result.stdout
-        state = trainlib.load_checkpoint(str(folder / "ckpt_last.pt"))
+        state = rundir.load_checkpoint(str(folder / "ckpt_last.pt"))
         assert state["step"] == 1 and torch.equal(state["w"], torch.ones(20_000))
         leftovers = [n for n in os.listdir(folder) if ".tmp-" in n or ".write-test-" in n]
         leftovers += [n for n in os.listdir(folder / "run") if ".write-test-" in n] if (folder / "run").exists() else []
@@ -96,16 +97,16 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_is_take
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {root!r}); "
-                               f"import trainlib; trainlib.prepare_output({str(tmp_path / 'out')!r}); "
+                               f"import rundir; rundir.prepare_output({str(tmp_path / 'out')!r}); "
                                f"print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(trainlib.UserError, match=f"in use by another run .*pid {holder.pid}"):
-            trainlib.prepare_output(str(tmp_path / "out"))
+        with pytest.raises(rundir.UserError, match=f"in use by another run .*pid {holder.pid}"):
+            rundir.prepare_output(str(tmp_path / "out"))
     finally:
         holder.kill()
         holder.wait()
-    trainlib.prepare_output(str(tmp_path / "out"))                    # the holder died: its lock is taken over
+    rundir.prepare_output(str(tmp_path / "out"))                    # the holder died: its lock is taken over
     assert f"dead run (pid {holder.pid})" in capsys.readouterr().err
     assert open(tmp_path / "out" / ".lock").read().split()[1] == str(os.getpid())
 
@@ -113,26 +114,26 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_is_take
 def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(trainlib.UserError, match="corrupt"):
-        trainlib.load_checkpoint(str(bad))
+    with pytest.raises(rundir.UserError, match="corrupt"):
+        rundir.load_checkpoint(str(bad))
     foreign = tmp_path / "foreign.pt"
     torch.save({"weight": torch.zeros(1)}, foreign)
-    with pytest.raises(trainlib.UserError, match="not a checkpoint of this project"):
-        trainlib.load_checkpoint(str(foreign))
+    with pytest.raises(rundir.UserError, match="not a checkpoint of this project"):
+        rundir.load_checkpoint(str(foreign))
     other = tmp_path / "pt.pt"
-    trainlib.save_checkpoint(str(other), {"stage": "pretrain", "config": {}, "step": 0})
-    with pytest.raises(trainlib.UserError, match="pretrain checkpoint"):
-        trainlib.load_checkpoint(str(other), stage="diffusion")
-    with pytest.raises(trainlib.UserError, match="does not exist"):
-        trainlib.load_checkpoint(str(tmp_path / "missing.pt"))
+    rundir.save_checkpoint(str(other), {"stage": "pretrain", "config": {}, "step": 0})
+    with pytest.raises(rundir.UserError, match="pretrain checkpoint"):
+        rundir.load_checkpoint(str(other), stage="diffusion")
+    with pytest.raises(rundir.UserError, match="does not exist"):
+        rundir.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
 def test_split_batch():
     assert trainlib.split_batch(1024, 8) == (128, 128, 1)
     assert trainlib.split_batch(1024, 8, 32) == (128, 32, 4)
-    with pytest.raises(trainlib.UserError, match="not divisible by the world size"):
+    with pytest.raises(rundir.UserError, match="not divisible by the world size"):
         trainlib.split_batch(1000, 3)
-    with pytest.raises(trainlib.UserError, match="micro-batch"):
+    with pytest.raises(rundir.UserError, match="micro-batch"):
         trainlib.split_batch(1024, 8, 48)
 
 
@@ -167,8 +168,8 @@ def test_adamw_no_decay_groups():
 def test_unwritable_output_dir_is_reported(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(trainlib.UserError, match="not writable"):
-        trainlib.prepare_output(str(blocker / "sub"))
+    with pytest.raises(rundir.UserError, match="not writable"):
+        rundir.prepare_output(str(blocker / "sub"))
 
 
 def test_step_generators_are_reproducible_and_distinct():

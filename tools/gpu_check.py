@@ -30,7 +30,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import trainlib  # noqa: E402
+import rundir  # noqa: E402
 
 PHASES = ("tests", "train", "bench", "ddp")
 SPEED_ROWS = (("pretrain", "B"), ("diffusion", "XL"), ("consistency", "L"), ("sampling", "XL"))
@@ -81,7 +81,7 @@ class Checks:
                 raise Failed(f"exit code {code}" if code is not None else
                              f"stopped after {time.time() - t0:.0f} s (its timeout of {timeout} s, or --budget)")
             ok, detail = True, judge(output)
-        except (Failed, OSError, ValueError, KeyError, IndexError, trainlib.UserError) as e:
+        except (Failed, OSError, ValueError, KeyError, IndexError, rundir.UserError) as e:
             ok, detail = False, str(e) or type(e).__name__
         self.add(name, "ok" if ok else "FAIL", time.time() - t0, detail, None if ok else output)
 
@@ -105,7 +105,7 @@ def judge_run(out, steps, trend=True, resumed_at=0):
     """A finished run: a checkpoint at `steps`, one finite loss logged per step after `resumed_at` (which the run
     must say it resumed from), and with `trend` a mean loss of the last third (at least one) below the first's."""
     def judge(output):
-        records, step = logged(out), trainlib.load_checkpoint(os.path.join(out, "ckpt_last.pt"), mmap=True)["step"]
+        records, step = logged(out), rundir.load_checkpoint(os.path.join(out, "ckpt_last.pt"), mmap=True)["step"]
         loss, k = [r["loss"] for r in records], max(len(records) // 3, 1)
         if step != steps or [r["step"] for r in records] != list(range(resumed_at + 1, steps + 1)):
             raise Failed(f"checkpoint at step {step}, losses logged at {[r['step'] for r in records]}; expected "

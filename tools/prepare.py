@@ -18,7 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import data  # noqa: E402
-import trainlib  # noqa: E402
+import rundir  # noqa: E402
 
 
 def _prepare_one(job):
@@ -43,13 +43,13 @@ def _prepare_one(job):
 
 def prepare(source_dir, destination_dir, image_size, workers=0):
     """The module docstring's work -> (written, skipped, failed: [(path, error)] of unreadable inputs); a write
-    failure raises trainlib.UserError."""
+    failure raises rundir.UserError."""
     from tqdm import tqdm
     source_dir, destination_dir = Path(source_dir), Path(destination_dir)
     if not source_dir.is_dir():
-        raise trainlib.UserError(f"source folder {source_dir} does not exist or is not a directory")
+        raise rundir.UserError(f"source folder {source_dir} does not exist or is not a directory")
     if image_size <= 0:
-        raise trainlib.UserError(f"--image-size must be positive, got {image_size}")
+        raise rundir.UserError(f"--image-size must be positive, got {image_size}")
     jobs, seen, skipped, failed = [], set(), 0, []
     for folder, subfolders, files in os.walk(source_dir):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
@@ -64,7 +64,7 @@ def prepare(source_dir, destination_dir, image_size, workers=0):
                 jobs.append((source, destination, image_size))
             seen.add(destination)
     if not jobs and not skipped and not failed:
-        raise trainlib.UserError(f"no images (.png, .jpg, .jpeg) found under {source_dir}")
+        raise rundir.UserError(f"no images (.png, .jpg, .jpeg) found under {source_dir}")
     written, parallel = 0, workers > 0 and len(jobs) > 1
     with tqdm(total=len(jobs), desc=f"prepare {image_size}px", unit="img") as progress, \
             (multiprocessing.Pool(workers) if parallel else contextlib.nullcontext()) as pool:
@@ -72,7 +72,7 @@ def prepare(source_dir, destination_dir, image_size, workers=0):
             if error is None:
                 written += 1
             elif error[0] == "write":           # the pool is stopped on the way out
-                raise trainlib.UserError(f"{error[1]}; free disk space or choose another DST, then rerun (the "
+                raise rundir.UserError(f"{error[1]}; free disk space or choose another DST, then rerun (the "
                                          f"images written so far are kept)")
             else:
                 failed.append((source, error[1]))
@@ -96,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    trainlib.cli_main(main)
+    rundir.cli_main(main)
