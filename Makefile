@@ -1,12 +1,13 @@
 # make demo  : create .venv, install, run the whole pipeline at tiny size on CPU (embedded data set)
 # make test  : create .venv if needed, install, run the test suite
+# make headstart : does pre-training help? RCM-T vs scratch, judged on samples during fine-tuning (tools/headstart.sh)
 # make gpu-check : on a GPU machine, prove the GPU path in one short run at paper sizes (tools/gpu_check.py; tiny on CPU)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-requirements
 
-.PHONY: test demo gpu-check venv clean-venv
+.PHONY: test demo headstart gpu-check venv clean-venv
 
 venv: $(STAMP)
 
@@ -20,6 +21,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) demo.py
+
+headstart: $(STAMP)
+	PYTHON=$(PY) bash tools/headstart.sh
 
 gpu-check: $(STAMP)
 	$(PY) tools/gpu_check.py

@@ -7,8 +7,12 @@ sFID, IS, precision/recall); an encoder by its kNN probe.
     python evaluate.py score SAMPLES.npz [--out metrics.json]      # class accuracy and FD_ref of embedded-set samples
 """
 import argparse
+import contextlib
+import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import fid
+import losses
 import rundir
 import shapes
+import trainlib
 
 DataError = rundir.UserError
 
@@ -146,10 +153,15 @@ def embedded_metrics(images_uint8_nhwc, labels=None, image_size=None, device="cp
         raise DataError(f"labels must be classes 0..9 of the embedded data set, got {labels.min()}..{labels.max()}")
     classifier = reference_classifier(image_size, device, cache_dir)
     features, logits = classify(classifier, images.permute(0, 3, 1, 2))
-    mu, sigma = fid.gaussian_statistics(features.numpy())
+    return classifier_metrics(classifier, features, logits, labels)
+
+
+def classifier_metrics(classifier, features, logits, labels=None):
+    """FD_ref of the features against the val split's, class accuracy (given labels), the classifier's val_acc."""
+    mu, sigma = fid.gaussian_statistics(np.asarray(features, dtype=np.float64))
     metrics = {"fd_ref": fid.frechet_distance(mu, sigma, classifier.val_mu, classifier.val_sigma)}
     if labels is not None:
-        metrics["class_acc"] = (logits.argmax(1).numpy() == labels).mean().item()
+        metrics["class_acc"] = (np.asarray(logits).argmax(1) == np.asarray(labels)).mean().item()
     metrics["val_acc"] = classifier.val_acc
     return metrics
 
@@ -198,6 +210,234 @@ class KnnProbe:
         noisy = self._features(features, self.query_x + self.sigma_noisy * self.noise, self.sigma_noisy)
         return {"probe_acc": round(self._knn(clean, bank), 4), "probe_acc_noisy": round(self._knn(noisy, bank), 4)}
 
+
+
+# ---- Samples as sample.py draws them: image i from noise seeded by (seed, i) ----
+_TAG_IMAGE = 7919                  # sample.py's image-noise stream (keeps the online evaluation equal to sample.py)
+
+
+def initial_noise(seed, indices, shape, draws=1):
+    """Standard normal noise (draws, len(indices), *shape) of the images `indices`, from generators seeded by (seed,
+    index): draw 0 becomes x_T, the others are the noise of later consistency steps."""
+    out = torch.empty(draws, len(indices), *shape)
+    for j, i in enumerate(indices):
+        g = torch.Generator().manual_seed(trainlib.mix_seed(seed, int(i), _TAG_IMAGE))
+        for k in range(draws):
+            out[k, j] = torch.randn(shape, generator=g)
+    return out
+
+
+@torch.no_grad()
+def generate(model, cfg, indices, labels, s, device, autocast=contextlib.nullcontext, counter=None):
+    """Model-space float32 samples (B, 3, H, W) of the images `indices` with `labels`; s: sampler settings (sampler,
+    steps, mid_sigma, cfg_scale, cfg_interval, seed) and clamp bounds (s.bounds)."""
+    size, shift = cfg["image_size"], losses.resolution_shift(cfg["image_size"])
+    labels = labels.to(device)
+    if s.sampler == "consistency":
+        mids = [s.mid_sigma] if s.steps == 2 else []
+        z = initial_noise(s.seed, indices, (3, size, size), draws=1 + len(mids)).to(device)
+        f = losses.consistency_fn(model, labels, shift, s.bounds, counter, autocast)
+        return losses.consistency_sample(f, z, shift, mids).float()
+    z = initial_noise(s.seed, indices, (3, size, size))[0].to(device)
+    sigmas = losses.sampling_sigmas(s.steps, size)
+    denoiser = losses.guided_denoiser(model, labels, cfg["num_classes"], shift, s.cfg_scale, tuple(s.cfg_interval),
+                                      s.bounds, counter, autocast)
+    sampler = losses.heun_sample if s.sampler == "heun" else losses.euler_sample
+    return sampler(denoiser, float(sigmas[0]) * z, sigmas).float()
+
+
+# ---- The online evaluation of the fine-tuning scripts (--eval-every) ----
+HELDOUT_IMAGES, PROBE_BANK, PROBE_QUERIES = 1000, 2000, 1000   # the held-out eq. 1 batch, the kNN probe's sets
+SIGMA_BINS = (0.0, 0.1, 1.0, 10.0, math.inf)                    # of the unshifted t_n: the held-out loss per bin
+_TAG_HELDOUT = 7949
+
+
+class Evaluator:
+    """What a fine-tuning run measures every --eval-every steps and at its last step (one code path): --eval-samples
+    class-balanced EMA samples drawn as sample.py draws them (diffusion: Heun --sample-steps with the run's guidance,
+    or each --eval-cfg scale from the same noise; consistency: one step, and two with a recorded mid level), judged by
+    the embedded data set's reference classifier (class_acc, fd_ref) or by Inception against --eval-ref (fid, sfid,
+    is, precision, recall); the EMA encoder's kNN probe; for diffusion, the held-out eq. 1 loss, in total and per
+    noise bin, on a fixed batch. Each rank draws a share, the features are gathered, rank 0 scores and appends one
+    record to metrics.jsonl. Its own random streams: the training's are untouched. Every input is checked here, at
+    the start of the run."""
+
+    def __init__(self, args, env, stage, num_classes, log, start=0):
+        self.args, self.env, self.stage, self.log, self.num_classes = args, env, stage, log, num_classes
+        self.n, self.every, self.device = args.eval_samples, args.eval_every, env.device
+        self.cfg = {"image_size": args.image_size, "num_classes": num_classes}
+        self.shift = losses.resolution_shift(args.image_size)
+        self.judge = self.reference = None
+        if args.data is not None and args.eval_ref is None:
+            if self.every:
+                raise rundir.UserError(f"--eval-every {self.every} on the ImageFolder {args.data} needs --eval-ref "
+                                       f"REF.npz (an ADM reference batch or `fid.py --save-stats` statistics) and "
+                                       f"--inception PATH; or pass --eval-every 0")
+            self.n = 0                                  # no reference: no evaluation (sample.py + fid.py later)
+        elif self.n and args.data is not None:
+            self.judge = fid.load_inception(args.inception, self.device)
+            ref = fid.open_input(args.eval_ref)
+            if ref.image_size is not None and tuple(ref.image_size) != (args.image_size, args.image_size):
+                raise rundir.UserError(f"--eval-ref {args.eval_ref} holds {ref.image_size[1]}x{ref.image_size[0]} "
+                                       f"images, this run trains at {args.image_size}px; use a reference of that size")
+            if ref.resize not in (None, "tf"):
+                raise rundir.UserError(f"--eval-ref {args.eval_ref} was computed with --resize {ref.resize}; the "
+                                       f"online evaluation uses tf: recompute it with fid.py --save-stats")
+            self.reference = fid.EvalInput(ref.name, stats=fid.input_statistics(ref, self.judge, device=self.device,
+                                                                                   progress=env.main))
+        elif self.n:
+            self.judge = reference_classifier(args.image_size, self.device)
+        self.settings = self._settings()
+        self.probe = self.heldout = None
+        if env.main and self.n:
+            probe_sets = data.probe_sets(args.data, args.image_size, args.normalize, args.seed, PROBE_BANK,
+                                         PROBE_QUERIES)
+            self.probe = KnnProbe(*probe_sets, self.shift * losses.SIGMA_MIN, self.shift * 1.0)
+            if stage == "diffusion":
+                x, y = (t[:HELDOUT_IMAGES] for t in probe_sets[1])
+                g = torch.Generator().manual_seed(trainlib.mix_seed(args.seed, _TAG_HELDOUT))
+                sigma, weight = losses.diffusion_noise(len(x), g, args.p_mean, args.p_std)
+                self.heldout = x, y, sigma, weight, torch.randn(x.shape, generator=g)
+        self.recorded = self._recorded(start)
+
+    def _settings(self):
+        """{metric suffix: sampler settings} of the evaluation's samplers."""
+        a, run = self.args, dict(self.args.sampling)
+        base = dict(seed=0, bounds=data.data_range(a.normalize), mid_sigma=run.get("mid_sigma"))
+        if self.stage == "consistency":
+            out = {"": dict(base, sampler="consistency", steps=1, cfg_scale=1.0, cfg_interval=(0, 0))}
+            if run.get("mid_sigma"):
+                out["_2step"] = dict(out[""], steps=2)
+        else:
+            heun = dict(base, sampler="heun", steps=a.sample_steps, cfg_scale=run.get("cfg_scale", 1.0),
+                        cfg_interval=a.eval_cfg_interval or run.get("cfg_interval", (0.19, 1.61)))
+            out = {f"_cfg{w:g}": dict(heun, cfg_scale=w) for w in a.eval_cfg} or {"": heun}
+        return {k: argparse.Namespace(**v) for k, v in out.items()}
+
+    def _recorded(self, start):
+        """The steps <= start that metrics.jsonl already holds an evaluation of (a resumed run redoes no other)."""
+        path, steps = os.path.join(self.args.out, "metrics.jsonl"), set()
+        if start and os.path.isfile(path):
+            with open(path, "rb") as f:
+                for line in f:
+                    with contextlib.suppress(ValueError, AttributeError):
+                        record = json.loads(line)
+                        if "eval_seconds" in record and record.get("step", 0) <= start:
+                            steps.add(record["step"])
+        return steps
+
+    def due(self, step):
+        """Whether `step` is evaluated: every --eval-every steps and at the last step, once."""
+        return bool(self.n) and step > 0 and step not in self.recorded and (
+            step == self.args.steps or bool(self.every) and step % self.every == 0)
+
+    def __call__(self, step, model, meter):
+        """At the end of `step`: evaluate `model` (the EMA, eval mode) if due, SIGTERM/SIGINT stopping it between
+        chunks (the checkpoint of `step` is written first, so a rerun redoes it); a grid every --sample-every steps
+        and at the last step."""
+        grid = os.path.join(self.args.out, f"samples_{step:07d}.png")
+        every = getattr(self.args, "sample_every", 0)
+        if self.env.main and step > 0 and (every and step % every == 0 or step == self.args.steps
+                                           and not os.path.exists(grid)):
+            self.grid(model, grid)
+        if not self.due(step):
+            return
+        t0, record = time.perf_counter(), {}
+        for suffix, s in self.settings.items():
+            for key, value in self._score(self._features(model, s, step)).items():
+                record[key + suffix] = value
+        if self.env.main:
+            record.update(self._encoder_metrics(model))
+        seconds = time.perf_counter() - t0
+        meter.write(step=step, eval_samples=self.n, eval_seconds=round(seconds, 2), **record)
+        self.recorded.add(step)
+        meter.exclude(seconds)
+        self.log(f"evaluation at step {step} ({self.n} samples, {seconds:.0f} s): "
+                 + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if not k.startswith("heldout_mse")))
+
+    @torch.no_grad()
+    def _features(self, model, s, step, chunk=100):
+        """This rank's share of the samples -> the judge's features, gathered over the ranks (image order)."""
+        labels = torch.arange(self.n) * self.num_classes // self.n                  # balanced (sample.py's)
+        per_rank = math.ceil(self.n / self.env.world)
+        begin, end = min(self.env.rank * per_rank, self.n), min((self.env.rank + 1) * per_rank, self.n)
+        outputs, autocast = {}, lambda: trainlib.autocast(self.device)
+        for first in range(begin, begin + per_rank, chunk):            # every rank the same number of rounds
+            idx = torch.arange(first, min(first + chunk, end))
+            if len(idx):
+                images = torch.from_numpy(data.to_uint8_hwc(generate(model, self.cfg, idx, labels[idx], s, self.device,
+                                                                     autocast), self.args.normalize))
+                for key, value in self._judge(images.permute(0, 3, 1, 2).to(self.device)).items():
+                    outputs.setdefault(key, []).append(value.float())
+            stop = rundir.preempted(self.env)
+            if stop:
+                raise rundir.Preempted(stop, f"stopped in the evaluation of step {step}; {self.args.out}/ckpt_last.pt "
+                                             f"holds step {step}; rerun to resume (the evaluation is redone)")
+        if not outputs:                 # a rank without samples still joins the gather with the right shapes
+            blank = torch.zeros(1, 3, self.args.image_size, self.args.image_size, dtype=torch.uint8, device=self.device)
+            outputs = {key: [value.float()[:0]] for key, value in self._judge(blank).items()}
+        features = {k: fid.all_gather_rows(torch.cat(v), self.n).cpu().numpy() for k, v in outputs.items()}
+        return dict(features, labels=labels.numpy())
+
+    def _judge(self, images):
+        if self.reference is None:                                                   # the reference classifier
+            features, logits = self.judge(images)
+            return {"features": features, "logits": logits}
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # as fid.py
+        try:
+            return self.judge(images)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    def _score(self, f):
+        if not self.env.main:
+            return {}
+        if self.reference is None:
+            metrics = classifier_metrics(self.judge, f["features"], f["logits"], f["labels"])
+            return {k: v for k, v in metrics.items() if k != "val_acc"}
+        ours = {"pool_features": f["pool"], "logits": f["logits"]}
+        ours["mu"], ours["sigma"] = fid.gaussian_statistics(f["pool"])
+        ours["mu_s"], ours["sigma_s"] = fid.gaussian_statistics(f["spatial"])
+        metrics, _ = fid.evaluate(fid.EvalInput("samples", stats=ours), self.reference, None, device=self.device,
+                                  progress=False)
+        return {k.lower(): v for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def _encoder_metrics(self, model):
+        """The EMA encoder's kNN probe ([CLS] after the final LayerNorm, no class offset) and the held-out eq. 1 loss
+        (diffusion): the weighted total and the unweighted MSE per bin of the unshifted t_n."""
+        def features(x, sigma):
+            return model.encoder(*losses.precondition(x.to(self.device), torch.full((len(x),), sigma,
+                                                                                    device=self.device)))[0][:, 0]
+        with trainlib.autocast(self.device):
+            record = self.probe(features)
+        if self.heldout is None:
+            return record
+        total, sums, counts = 0.0, torch.zeros(len(SIGMA_BINS) - 1), torch.zeros(len(SIGMA_BINS) - 1)
+        for part in torch.arange(len(self.heldout[0])).split(250):
+            x, y, sigma, weight, eps = (t[part].to(self.device) for t in self.heldout)
+            with trainlib.autocast(self.device):
+                mse = losses.diffusion_loss(model, x, y, self.shift * sigma, torch.ones_like(weight), eps).cpu()
+            total += (weight.cpu() * mse).sum().item()
+            bins = torch.bucketize(sigma.cpu().float(), torch.tensor(SIGMA_BINS[1:-1]), right=True)
+            sums.scatter_add_(0, bins, mse.float())
+            counts += torch.bincount(bins, minlength=len(sums)).float()
+        record["heldout_loss"] = total / len(self.heldout[0])
+        for k, (lo, hi) in enumerate(zip(SIGMA_BINS[:-1], SIGMA_BINS[1:])):
+            if counts[k]:
+                record[f"heldout_mse_t{lo:g}-{hi:g}"] = (sums[k] / counts[k]).item()
+        return record
+
+    @torch.no_grad()
+    def grid(self, model, path, per_class=8):
+        """A PNG of up to 10 classes x 8 samples of the run's own sampler, one row per class."""
+        grid_classes = torch.linspace(0, self.num_classes - 1, min(self.num_classes, 10)).round().long()
+        labels = grid_classes.repeat_interleave(per_class)
+        s = next(iter(self.settings.values()))
+        x = generate(model, self.cfg, torch.arange(len(labels)), labels, s, self.device,
+                     lambda: trainlib.autocast(self.device))
+        data.save_grid(data.to_uint8_hwc(x, self.args.normalize), path, columns=per_class)
 
 
 def main(argv=None):

@@ -392,12 +392,13 @@ def stop_on_signal(message):
             signal.signal(s, handler)
 
 
-def checkpoint(env, args, step, state):
-    """End of a step: OUT/ckpt_last.pt every --ckpt-every steps, at the end and on SIGTERM/SIGINT (then Preempted);
-    OUT/ckpt_<step>.pt every --keep-every steps. `state()` builds the checkpoint dict (rank 0 only)."""
+def checkpoint(env, args, step, state, save=False):
+    """End of a step: OUT/ckpt_last.pt every --ckpt-every steps, at the end, where `save` (before an evaluation) and
+    on SIGTERM/SIGINT (then Preempted); OUT/ckpt_<step>.pt every --keep-every steps. `state()` builds the checkpoint
+    dict (rank 0 only)."""
     stop = preempted(env)
     last = os.path.join(args.out, "ckpt_last.pt")
-    if env.main and (step % args.ckpt_every == 0 or step == args.steps or stop):
+    if env.main and (save or step % args.ckpt_every == 0 or step == args.steps or stop):
         save_checkpoint(last, state())
     if env.main and args.keep_every and step % args.keep_every == 0:
         save_checkpoint(os.path.join(args.out, f"ckpt_{step:07d}.pt"), state())

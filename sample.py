@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import evaluate
 import losses
 import models
 import rundir
@@ -42,18 +43,7 @@ CONFIG = dict(
     mid_sigma=1.526,           # two-step consistency: ECT's ImageNet-64 value; 64^2 is the base of the shift
     clamp="data",              # D clamped to the valid normalised range per channel; official code: [-1, 1]
 )
-_TAG_IMAGE, _TAG_LABELS = 7919, 7927      # keep the noise and the label streams apart
-
-
-def initial_noise(seed, indices, shape, draws=1):
-    """Standard normal noise (draws, len(indices), *shape) of the images `indices`, from generators seeded by (seed,
-    index): draw 0 becomes x_T, the others are the noise of later consistency steps."""
-    out = torch.empty(draws, len(indices), *shape)
-    for j, i in enumerate(indices):
-        g = torch.Generator().manual_seed(trainlib.mix_seed(seed, int(i), _TAG_IMAGE))
-        for k in range(draws):
-            out[k, j] = torch.randn(shape, generator=g)
-    return out
+_TAG_LABELS = 7927             # the label stream, apart from the image noise (evaluate.initial_noise)
 
 
 def class_labels(mode, num_samples, num_classes, seed=0, class_counts=None):
@@ -120,23 +110,6 @@ def load_generator(path, weights="ema"):
     if not all(p.isfinite().all() for p in model.parameters()):
         raise rundir.UserError(f"'{path}': the {key} weights contain NaN or inf; use an earlier checkpoint")
     return model.eval().requires_grad_(False), cfg, stage
-
-
-def generate(model, cfg, indices, labels, args, device, autocast, counter):
-    """Model-space float32 samples (B, 3, H, W) of the images `indices` with `labels`."""
-    size, shift = cfg["image_size"], losses.resolution_shift(cfg["image_size"])
-    bounds, labels = clamp_range(args.clamp, cfg.get("normalize", "simple")), labels.to(device)
-    if args.sampler == "consistency":
-        mids = [args.mid_sigma] if args.steps == 2 else []
-        z = initial_noise(args.seed, indices, (3, size, size), draws=1 + len(mids)).to(device)
-        f = losses.consistency_fn(model, labels, shift, bounds, counter, autocast)
-        return losses.consistency_sample(f, z, shift, mids).float()
-    z = initial_noise(args.seed, indices, (3, size, size))[0].to(device)
-    sigmas = losses.sampling_sigmas(args.steps, size)
-    denoiser = losses.guided_denoiser(model, labels, cfg["num_classes"], shift, args.cfg_scale,
-                                      tuple(args.cfg_interval), bounds, counter, autocast)
-    sampler = losses.heun_sample if args.sampler == "heun" else losses.euler_sample
-    return sampler(denoiser, float(sigmas[0]) * z, sigmas).float()
 
 
 def parse_args(argv=None):
@@ -212,12 +185,13 @@ def main():
     env = trainlib.init_distributed(args.device)
     model, cfg, stage = load_generator(args.ckpt, args.weights)
     resolve_sampler(args, stage, cfg.get("sampling", {}))
+    args.bounds = clamp_range(args.clamp, cfg.get("normalize", "simple"))
     model.to(env.device)
     labels = class_labels(args.labels, args.num_samples, cfg["num_classes"], args.seed, cfg.get("class_counts"))
     chunks, size = os.path.join(args.out, "chunks"), cfg["image_size"]
     num_chunks = math.ceil(args.num_samples / args.batch_size)
     path = lambda c: os.path.join(chunks, f"{c:06d}.npy")                                 # noqa: E731
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "device", "no_progress")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "device", "no_progress", "bounds")}
     if env.main:
         rundir.prepare_output(args.out)
         os.makedirs(chunks, exist_ok=True)
@@ -248,7 +222,7 @@ def main():
     for c in todo + [None] * (math.ceil(len(missing) / env.world) - len(todo)):
         if c is not None:
             idx = torch.arange(c * args.batch_size, min((c + 1) * args.batch_size, args.num_samples))
-            x = generate(model, cfg, idx, labels[idx], args, env.device, autocast, counter)
+            x = evaluate.generate(model, cfg, idx, labels[idx], args, env.device, autocast, counter)
             drawn += len(idx)
             if not torch.isfinite(x).all():
                 raise rundir.UserError(f"images {idx[0].item()}..{idx[-1].item()} came out NaN/inf: a broken model "

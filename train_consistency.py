@@ -23,6 +23,7 @@ import os
 import torch
 
 import data
+import evaluate
 import losses
 import models
 import rundir
@@ -60,6 +61,14 @@ CONFIG = dict(
     ckpt_every=1000,           # write OUT/ckpt_last.pt every this many steps (and at the end)
     keep_every=50_000,         # also keep OUT/ckpt_<step>.pt every this many steps (0: never)
     log_every=100,             # append a line to OUT/metrics.jsonl every this many steps
+    sample_every=50_000,       # write OUT/samples_<step>.png (EMA, one step) every this many steps (0: only at the end)
+    sampling={},               # recorded as sample.py's defaults; {"mid_sigma": t} also evaluates two-step sampling
+    eval_every=0,              # evaluate (evaluate.Evaluator) every this many steps (0: at the last step only). Cost
+                               # (BENCHMARKS.md): 500 one-step EPG-T samples ~10 s on a 2-core CPU
+    eval_samples=10_000,       # class-balanced EMA samples per evaluation (0: none)
+    eval_ref=None,             # ImageFolder data: ADM reference batch or `fid.py --save-stats` file (FID, sFID, IS,
+                               # precision, recall); the embedded data set: its reference classifier
+    inception=None,            # Inception weights (none: $EPG_INCEPTION or the torch hub cache; never downloaded)
 )
 CHOICES = dict(model=tuple(models.MODEL_CONFIGS), lr_schedule=("step", "constant", "cosine"),
                aux_features=("encoder", "projector"), normalize=data.NORMALIZATIONS)
@@ -69,7 +78,8 @@ PRESETS = {
     # presets"); the ECT stage interval stays 100k steps, so a CPU run stays in stage 1 (squeezing the 7
     # stages into a short run made the tiny model worse)
     "T": dict(image_size=32, batch_size=32, steps=1200, lr=5e-4, lr_schedule="constant", lr_milestones=[],
-              lr_factors=[], ema=0.995, dropout=0.0, p_mean=1.2, ckpt_every=200, keep_every=0, log_every=25),
+              lr_factors=[], ema=0.995, dropout=0.0, p_mean=1.2, ckpt_every=200, keep_every=0, log_every=25, sample_every=0,
+              eval_samples=500),
 }
 
 
@@ -149,6 +159,7 @@ def main(argv=None):
     optimizer = trainlib.adamw(model, args.lr, args.betas, args.weight_decay, ("pos_embed", "cls_token"), device)
     start = rundir.restore(resume, log, model=model, ema=ema, optimizer=optimizer)
     del resume, rcm
+    evaluator = evaluate.Evaluator(args, env, "consistency", num_classes, log, start)   # its inputs checked now
     target = trainlib.compiled(model, args, device)      # the stop-gradient pass: same kernels, same dropout masks
     net = trainlib.ddp(target, env)
     if W is not None:             # W(x_in, c) of eq. 9: LN'd CLS feature (paper) or projector output (official)
@@ -168,6 +179,8 @@ def main(argv=None):
                                     pin_memory=device.type == "cuda"))
     meter = trainlib.Meter(args, env, ("loss", "loss_consistency", "loss_aux"), start, f"consistency EPG-{args.model}")
     stepper = trainlib.Stepper(optimizer, model, args.skip_nonfinite, log=log)
+    ema_net = trainlib.compiled(ema, args, device)                                # the evaluations, compiled too
+    evaluator(start, ema_net, meter)             # resumed at an evaluation step that a stop cut short: redo it
 
     def state():
         return {"stage": "consistency", "config": config, "step": step + 1, "model": model.state_dict(),
@@ -209,7 +222,8 @@ def main(argv=None):
             trainlib.ema_update(ema, model, args.ema)
             meter.add(terms)
         meter.log(step + 1, stepper.norm, lr=lr_now, stage=stage)
-        rundir.checkpoint(env, args, step + 1, state)
+        rundir.checkpoint(env, args, step + 1, state, save=evaluator.due(step + 1))
+        evaluator(step + 1, ema_net, meter)                        # samples, scores, a grid; its own random streams
     meter.close()
     log(f"done: {args.steps} steps, checkpoint {args.out}/ckpt_last.pt")
 

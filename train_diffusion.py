@@ -19,9 +19,7 @@ Rerunning the same command after an interruption resumes from OUT/ckpt_last.pt.
 """
 import copy
 import os
-import time
 
-import numpy as np
 import torch
 
 import data
@@ -55,9 +53,18 @@ CONFIG = dict(
     keep_every=100_000,        # also keep OUT/ckpt_<step>.pt every this many steps (0: never)
     log_every=100,             # append a line to OUT/metrics.jsonl every this many steps
     sample_every=5000,         # write OUT/samples_<step>.png (EMA, Heun) every this many steps (0: only at the end)
-    sample_steps=16,           # Heun steps of the in-training grids and the final embedded-data-set evaluation
-    eval_samples=1000,         # EMA samples scored by evaluate.embedded_metrics at the end (embedded data set only)
-    sampling={},               # guidance of the grids, recorded as sample.py's defaults (empty: the paper's, §4)
+    sample_steps=16,           # Heun steps of the grids and the evaluations
+    sampling={},               # guidance of the grids and evaluations, recorded as sample.py's defaults (empty: the
+                               # paper's, §4)
+    eval_every=0,              # evaluate (evaluate.Evaluator) every this many steps (0: at the last step only). Cost
+                               # (BENCHMARKS.md): 500 EPG-T samples ~25 s on a 2-core CPU; 10k samples of EPG-XL ~3
+                               # H100-min per 8 GPUs
+    eval_samples=10_000,       # class-balanced EMA samples per evaluation (§4's ablations: FID on 10k; 0: none)
+    eval_cfg=[],               # guidance scales to evaluate, each from the same noise (none: the run's `sampling`)
+    eval_cfg_interval=[],      # LO HI: unshifted sigma interval of --eval-cfg's guidance (none: the run's)
+    eval_ref=None,             # ImageFolder data: ADM reference batch or `fid.py --save-stats` file (FID, sFID, IS,
+                               # precision, recall); the embedded data set: its reference classifier
+    inception=None,            # Inception weights (none: $EPG_INCEPTION or the torch hub cache; never downloaded)
 )
 CHOICES = dict(model=tuple(models.MODEL_CONFIGS), lr_schedule=("constant", "cosine"), normalize=data.NORMALIZATIONS)
 PRESETS = {
@@ -66,7 +73,7 @@ PRESETS = {
     # almost never trains where the sampler lays out the image: the proposal is centred higher (BENCHMARKS.md,
     # "The tiny presets")
     "T": dict(image_size=32, batch_size=8, steps=7000, lr=1e-3, ema=0.995, ckpt_every=1000, keep_every=0,
-              log_every=100, sample_every=2000, eval_samples=200, p_mean=0.4,
+              log_every=100, sample_every=2000, eval_samples=500, p_mean=0.4,
               # recorded in the checkpoint as sample.py's defaults: at 32^2 the paper's interval guides only
               # sigma~ <= 0.8, where the layout is already fixed; guiding the levels above it gives the best class
               # accuracy and FD_ref together (BENCHMARKS.md, "Guidance of the tiny diffusion model")
@@ -86,33 +93,11 @@ def layer_decay(name, depth, decay):
     return 1.0
 
 
-@torch.no_grad()
-def sample_grid(ema, args, num_classes, device, path, labels=None, seed=0):
-    """EMA samples (Heun, --sample-steps, guidance of args.sampling) for `labels` (default: up to 10 classes x 8)
-    -> uint8 (N, H, W, 3); with `path`, also a PNG grid with one row per class."""
-    if labels is None:
-        labels = torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long().repeat_interleave(8)
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(len(labels), 3, args.image_size, args.image_size, generator=g)
-    sigmas = losses.sampling_sigmas(args.sample_steps, args.image_size)
-    shift, bounds = losses.resolution_shift(args.image_size), data.data_range(args.normalize)
-    out, bar = [], trainlib.progress(len(labels), 0, True, "sampling")
-    for start in range(0, len(labels), 100):
-        y = labels[start:start + 100].to(device)
-        denoiser = losses.guided_denoiser(ema, y, num_classes, shift, clamp=bounds,
-                                          autocast=lambda: trainlib.autocast(device), **args.sampling)
-        out.append(data.to_uint8_hwc(losses.heun_sample(denoiser, sigmas[0] * z[start:start + 100].to(device), sigmas),
-                                     args.normalize))
-        bar.update(len(y))
-    bar.close()
-    images = np.concatenate(out)
-    if path:
-        data.save_grid(images, path, columns=8)
-    return images
-
-
 def parse_args(argv=None):
-    return trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+    args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+    if len(args.eval_cfg_interval) not in (0, 2) or args.eval_cfg_interval[:1] >= args.eval_cfg_interval[1:] != []:
+        raise rundir.UserError(f"--eval-cfg-interval takes LO HI with LO < HI, got {args.eval_cfg_interval}")
+    return args
 
 
 def main(argv=None):
@@ -151,8 +136,9 @@ def main(argv=None):
                                lr_scale=lambda name: layer_decay(name, depth, args.lrd))
     start = rundir.restore(resume, log, model=model, ema=ema, optimizer=optimizer)
     del resume, rcm
+    evaluator = evaluate.Evaluator(args, env, "diffusion", num_classes, log, start)   # its inputs checked now
     net = trainlib.ddp(trainlib.compiled(model, args, device), env)
-    ema_net = trainlib.compiled(ema, args, device)                                # the sample grids, compiled too
+    ema_net = trainlib.compiled(ema, args, device)                                # the evaluations, compiled too
     if env.main:
         rundir.write_json(os.path.join(args.out, "config.json"), config)
     log(f"EPG-{args.model}/{patch_size} at {args.image_size}px, {models.count_params(model) / 1e6:.2f}M parameters, "
@@ -165,12 +151,11 @@ def main(argv=None):
                                     pin_memory=device.type == "cuda"))
     meter = trainlib.Meter(args, env, ("loss",), start, f"diffusion EPG-{args.model}")
     stepper = trainlib.Stepper(optimizer, model, args.skip_nonfinite, log=log)
+    evaluator(start, ema_net, meter)             # resumed at an evaluation step that a stop cut short: redo it
 
     def state():
         return {"stage": "diffusion", "config": config, "step": step + 1, "model": model.state_dict(),
                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
-
-    t0 = time.perf_counter()
 
     # ---- the loop ----
     mine = slice(env.rank * local_batch, (env.rank + 1) * local_batch)
@@ -200,35 +185,12 @@ def main(argv=None):
             trainlib.ema_update(ema, model, args.ema)
             meter.add(terms)
         meter.log(step + 1, stepper.norm, lr=lr_now)
-        rundir.checkpoint(env, args, step + 1, state)
-        if env.main and args.sample_every and (step + 1) % args.sample_every == 0 and step + 1 != args.steps:
-            sample_grid(ema_net, args, num_classes, device, os.path.join(args.out, f"samples_{step + 1:07d}.png"))
+        rundir.checkpoint(env, args, step + 1, state, save=evaluator.due(step + 1))
+        evaluator(step + 1, ema_net, meter)                        # samples, scores, a grid; its own random streams
     meter.close()
 
-    # ---- final metrics (embedded data set) and grid, sized to the run; the grid, written last, marks the end ----
-    path = os.path.join(args.out, f"samples_{args.steps:07d}.png")
-    if env.main and not os.path.exists(path):
-        train_s = time.perf_counter() - t0
-        per_image = 2 * args.sample_steps / 3 * train_s / max((args.steps - start) * args.batch_size, 1)
-        n_eval = args.eval_samples if args.data is None else 0
-        if (80 + n_eval) * per_image > max(train_s, 60):
-            log(f"end-of-run sampling skipped: about {(80 + n_eval) * per_image / 60:.0f} min on {device}, longer "
-                f"than the training itself; sample with: python sample.py --ckpt {args.out}/ckpt_last.pt")
-            return
-        with rundir.stop_on_signal(f"stopped in the end-of-run sampling; the training is complete in {args.out}/"
-                                     f"ckpt_last.pt: rerun the same command for the final evaluation and grid"):
-            if n_eval:
-                labels = torch.arange(n_eval) * num_classes // n_eval                 # balanced
-                images = sample_grid(ema_net, args, num_classes, device, None, labels, seed=1)
-                result = evaluate.embedded_metrics(images, labels.numpy(), args.image_size, device=str(device))
-            grid = sample_grid(ema_net, args, num_classes, device, None)
-        if n_eval:
-            meter.write(step=args.steps, eval_samples=n_eval, sample_steps=args.sample_steps,
-                        **{f"eval_{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))})
-            log(f"embedded-data-set metrics of {n_eval} EMA samples (Heun {args.sample_steps}): "
-                + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float))))
-        data.save_grid(grid, path, columns=8)
-        log(f"final sample grid: {path}")
+    log(f"done: {args.steps} steps, checkpoint {args.out}/ckpt_last.pt")
+
 
 if __name__ == "__main__":
     rundir.cli_main(main)

@@ -346,6 +346,11 @@ class Meter:
         if self.env.main:
             rundir.append_line(self.path, json.dumps(record))
 
+    def exclude(self, seconds):
+        """Leave `seconds` (an evaluation) out of images/s and the progress bar's rate."""
+        self.t0 += seconds
+        self.bar.unpause()
+
     def close(self):
         self.bar.close()
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import losses
 import models
 import sample
@@ -183,7 +184,7 @@ def tiny_epg(image_size=16, seed=0):
 
 def sampler_args(**overrides):
     args = dict(seed=3, clamp="data", sampler="heun", steps=4, cfg_scale=2.0, cfg_interval=[0.19, 1.61],
-                mid_sigma=1.526)
+                mid_sigma=1.526, bounds=sample.clamp_range("data"))
     return SimpleNamespace(**{**args, **overrides})
 
 
@@ -195,7 +196,7 @@ def test_image_i_is_the_same_at_batch_sizes_1_3_and_8(sampler, steps):
     labels = sample.class_labels("random", 8, 10, seed=3)
     results = []
     for batch in (1, 3, 8):
-        parts = [sample.generate(model, cfg, torch.arange(a, min(a + batch, 8)),
+        parts = [evaluate.generate(model, cfg, torch.arange(a, min(a + batch, 8)),
                                  labels[a:a + batch], args, torch.device("cpu"), contextlib.nullcontext, {})
                  for a in range(0, 8, batch)]
         results.append(torch.cat(parts))
@@ -206,11 +207,11 @@ def test_image_i_is_the_same_at_batch_sizes_1_3_and_8(sampler, steps):
 
 
 def test_initial_noise_depends_only_on_seed_and_index():
-    a = sample.initial_noise(7, [0, 1, 2, 3], (3, 4, 4), draws=2)
-    b = sample.initial_noise(7, [2, 3], (3, 4, 4), draws=2)
+    a = evaluate.initial_noise(7, [0, 1, 2, 3], (3, 4, 4), draws=2)
+    b = evaluate.initial_noise(7, [2, 3], (3, 4, 4), draws=2)
     assert torch.equal(a[:, 2:], b)
     assert not torch.equal(a[0], a[1])                                # the second draw is fresh noise
-    assert not torch.equal(a, sample.initial_noise(8, [0, 1, 2, 3], (3, 4, 4), draws=2))
+    assert not torch.equal(a, evaluate.initial_noise(8, [0, 1, 2, 3], (3, 4, 4), draws=2))
 
 
 def test_labels_balanced_random_and_lists():
@@ -260,7 +261,7 @@ def test_npz_round_trip_in_adm_format(diffusion_ckpt, tmp_path):
     assert labels.dtype == np.int64 and labels.tolist() == [i * 10 // 6 for i in range(6)]
     # the same images computed here, from the EMA weights, converted as [-1, 1] -> [0, 255]
     args = sampler_args(seed=4, steps=3, cfg_scale=1.0)
-    expected = torch.cat([sample.generate(model, dict(image_size=16, num_classes=10), idx,
+    expected = torch.cat([evaluate.generate(model, dict(image_size=16, num_classes=10), idx,
                                           torch.from_numpy(labels)[idx], args, torch.device("cpu"),
                                           contextlib.nullcontext, {})
                           for idx in (torch.arange(0, 4), torch.arange(4, 6))])
