@@ -374,6 +374,22 @@ def build_on_meta(kind, name, image_size, num_classes=1000):
         return build_epg(name, image_size, num_classes) if kind == "epg" else build_rcm(name, image_size)
 
 
+def forward_flops(kind, name, image_size):
+    """Hardware FLOPs of one forward pass of one image of an "epg" or "rcm" (Linear/Conv and attention matmuls)."""
+    macs = count_macs(build_on_meta(kind, name, image_size), image_size)
+    return 2 * (macs["linear"] + macs["attention"])
+
+
+# forward-pass equivalents per image and training step (a backward costs two forwards): pre-training 3 trained passes
+# (two views, the noisier level) and 3 without gradient (momentum views, the sg target); diffusion one trained pass;
+# consistency one trained pass, the sg target, and W of eq. 9 (its keys, and the prediction's features with gradient)
+TRAIN_PASSES = {"pretrain": {"rcm": 12}, "diffusion": {"epg": 3}, "consistency": {"epg": 4, "rcm": 3}}
+
+
+def train_flops_per_image(stage, name, image_size):
+    return sum(n * forward_flops(kind, name, image_size) for kind, n in TRAIN_PASSES[stage].items())
+
+
 def main():
     print(f"{'name':<18} | {'params (M)':>10} | {'forward GFLOPs per image':>24}")
     print("-" * 60)

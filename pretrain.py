@@ -147,7 +147,8 @@ def main(argv=None):
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "pretrain", "proj_dim": args.proj_dim or models.model_config(args.model)["proj_dim"],
               "patch_size": patch_size, "lr_scaled": lr, "num_classes": dataset.num_classes,
-              "data_id": data.identity(dataset), "resolution_shift": shift}
+              "data_id": data.identity(dataset), "resolution_shift": shift,
+              "train_flops": args.batch_size * models.train_flops_per_image("pretrain", args.model, args.image_size)}
     rundir.prepare_output(args.out, env.main)
     resume = rundir.resume_state(args, "pretrain", log)
     if resume is not None:

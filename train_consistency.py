@@ -147,9 +147,13 @@ def main(argv=None):
                                      f"{args.image_size}px ({str(e).splitlines()[0]})") from None
         log(f"f_theta starts from the diffusion EMA of {args.init_diffusion} (step {dm['step']})")
     W = aux_network(args, rcm, log)
+    init_flops = rcm["config"].get("train_flops", 0) * rcm["step"] if rcm else 0   # what the RCM cost (curves.py)
+    init_flops = resume["config"].get("init_flops", init_flops) if resume else init_flops
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "consistency", "num_classes": num_classes, "patch_size": patch_size,
               "sigma_min_shifted": sigma_min, "aux_active": W is not None, "data_id": data.identity(dataset),
+              "train_flops": args.batch_size * models.train_flops_per_image("consistency", args.model, args.image_size),
+              "init_flops": init_flops,
               "class_counts": data.class_counts(dataset)}
     if resume is not None:
         rundir.check_resume(resume["config"], config, trainlib.MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")

@@ -116,9 +116,13 @@ def main(argv=None):
     rcm = rundir.load_init(args) if resume is None else None
     rundir.inherit(args, "normalize", (resume or rcm or {"config": {}})["config"], "--init or the resumed run")
     args.normalize = args.normalize or "simple"
+    init_flops = rcm["config"].get("train_flops", 0) * rcm["step"] if rcm else 0   # what the RCM cost (curves.py)
+    init_flops = resume["config"].get("init_flops", init_flops) if resume else init_flops
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "diffusion", "num_classes": num_classes, "patch_size": patch_size, "shift": shift,
-              "data_id": data.identity(dataset), "class_counts": data.class_counts(dataset)}
+              "data_id": data.identity(dataset),
+              "train_flops": args.batch_size * models.train_flops_per_image("diffusion", args.model, args.image_size),
+              "init_flops": init_flops, "class_counts": data.class_counts(dataset)}
     if resume is not None:
         rundir.check_resume(resume["config"], config, trainlib.MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")
 

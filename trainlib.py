@@ -37,7 +37,8 @@ RUN = dict(                    # flags of every training script that do not chan
 RUN_TYPES = dict(micro_batch=int, num_workers=int, compile=bool)
 # keys that may change when a run is resumed (paths, cadences, machine); every other CONFIG key must match
 MAY_CHANGE = {*RUN.keys() - {"seed"}, "out", "steps", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every",
-              "log_every", "probe_every", "probe_bank", "probe_queries", "sample_every", "sample_steps", "eval_samples"}
+              "log_every", "probe_every", "probe_bank", "probe_queries", "sample_every", "sample_steps", "eval_samples",
+              "eval_every", "eval_cfg", "eval_cfg_interval", "eval_ref", "inception", "train_flops", "init_flops"}
 POSITIVE = ("image_size", "batch_size", "steps", "lr", "ckpt_every", "log_every", "micro_batch", "sample_steps",
             "probe_bank", "probe_queries", "p_std", "huber_c", "aux_tau", "ctr_tau", "tau1", "tau2", "stage_interval")
 NON_NEGATIVE = ("seed", "keep_every", "num_workers", "warmup", "probe_every", "sample_every", "eval_samples",

@@ -20,8 +20,8 @@ def tiny_args(**kw):
 def test_flop_accounting():
     args = tiny_args()
     device = torch.device("cpu")
-    epg = bench.forward_flops("epg", "T", 16)
-    enc = bench.forward_flops("rcm", "T", 16)
+    epg = models.forward_flops("epg", "T", 16)
+    enc = models.forward_flops("rcm", "T", 16)
     macs = models.count_macs(models.build_epg("T", 16, 1000), 16)          # a real model, not one on meta
     assert epg == 2 * (macs["linear"] + macs["attention"]) and enc < epg
     # Heun-32 with CFG on (0.19, 1.61]: 62 conditional + 12 unconditional evaluations per image (formulas §4.3)

@@ -51,12 +51,6 @@ def measure_peak_flops(device):
     return 2 * size ** 3 / seconds_per_call(lambda: a @ b, device, 3, iters)
 
 
-def forward_flops(kind, model, image_size):
-    """Hardware FLOPs of one forward pass of one image of an "epg" or "rcm" (Linear/Conv and attention matmuls)."""
-    macs = models.count_macs(models.build_on_meta(kind, model, image_size), image_size)
-    return 2 * (macs["linear"] + macs["attention"])
-
-
 # One step of each stage on a synthetic batch, through the objectives of losses.py -> (step, FLOPs per image)
 def _images(args, device, n):
     return (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device) for _ in range(n))
@@ -82,7 +76,7 @@ def pretrain_stage(args, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
         trainlib.ema_update(momentum, rcm, 0.99)
-    return step, 12 * forward_flops("rcm", args.model, args.image_size)
+    return step, models.train_flops_per_image("pretrain", args.model, args.image_size)
 
 
 def diffusion_stage(args, device):
@@ -103,7 +97,7 @@ def diffusion_stage(args, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
         trainlib.ema_update(ema, epg, 0.9999)
-    return step, 3 * forward_flops("epg", args.model, args.image_size)
+    return step, models.train_flops_per_image("diffusion", args.model, args.image_size)
 
 
 def consistency_stage(args, device):
@@ -128,8 +122,7 @@ def consistency_stage(args, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
         trainlib.ema_update(ema, epg, 0.9999)
-    return step, (4 * forward_flops("epg", args.model, args.image_size)
-                  + 3 * forward_flops("rcm", args.model, args.image_size))
+    return step, models.train_flops_per_image("consistency", args.model, args.image_size)
 
 
 def sampling_stage(args, device):
@@ -143,7 +136,7 @@ def sampling_stage(args, device):
     def step():
         losses.heun_sample(denoiser, sigmas[0] * next(_images(args, device, 1)), sigmas)
     step()                                   # count the network evaluations per image once
-    return step, counter["forwards"] / args.batch_size * forward_flops("epg", args.model, args.image_size)
+    return step, counter["forwards"] / args.batch_size * models.forward_flops("epg", args.model, args.image_size)
 
 
 STAGES = {"pretrain": pretrain_stage, "diffusion": diffusion_stage, "consistency": consistency_stage,
