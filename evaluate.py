@@ -335,13 +335,15 @@ class Evaluator:
         """At the end of `step`: evaluate `model` (the EMA, eval mode) if due, SIGTERM/SIGINT stopping it between
         chunks (the checkpoint of `step` is written first, so a rerun redoes it); a grid every --sample-every steps
         and at the last step."""
+        if self.due(step):
+            self.evaluate(step, model, meter)
         grid = os.path.join(self.args.out, f"samples_{step:07d}.png")
         every = getattr(self.args, "sample_every", 0)
         if self.env.main and step > 0 and (every and step % every == 0 or step == self.args.steps
                                            and not os.path.exists(grid)):
             self.grid(model, grid)
-        if not self.due(step):
-            return
+
+    def evaluate(self, step, model, meter):
         t0, record = time.perf_counter(), {}
         for suffix, s in self.settings.items():
             for key, value in self._score(self._features(model, s, step)).items():

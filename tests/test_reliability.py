@@ -718,7 +718,7 @@ def test_sigterm_stops_sampling_after_the_current_chunk_and_broken_chunks_are_dr
             "--no-progress", "--labels", "balanced"]
     code, _, err = cli(monkeypatch, capsys, sample, args + ["--out", tmp_path / "straight"])
     assert code == 0, err[-2000:]
-    generate = sigterm_on_call(monkeypatch, sample, "generate", 4)
+    generate = sigterm_on_call(monkeypatch, evaluate, "generate", 4)
     out, chunks = tmp_path / "run", tmp_path / "run" / "chunks"
     code, _, err = cli(monkeypatch, capsys, sample, args + ["--out", out])
     assert code == 143 and f"SIGTERM: stopped with 4 of 6 chunks in {chunks}; rerun" in err, err[-2000:]
@@ -727,30 +727,32 @@ def test_sigterm_stops_sampling_after_the_current_chunk_and_broken_chunks_are_dr
     (chunks / "000000.npy").write_bytes(blob[:len(blob) // 2])
     (chunks / "000001.npy").write_bytes(b"")
     np.save(chunks / "000002.npy", np.zeros((2, 8, 8, 3), np.uint8))
-    monkeypatch.setattr(sample, "generate", generate)
+    monkeypatch.setattr(evaluate, "generate", generate)
     code, stdout, err = cli(monkeypatch, capsys, sample, args + ["--out", out])
     assert code == 0 and "5 of 6 chunks drawn by this run" in stdout and err.count("drawing it again") == 3, err
     a, b = np.load(tmp_path / "straight" / "samples.npz"), np.load(out / "samples.npz")
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
 
-def test_sigterm_in_the_end_of_run_sampling_stops_at_once_and_the_rerun_completes_it(files, tmp_path, monkeypatch,
-                                                                                     capsys, classifier_cache):
-    """train_diffusion.py after its last step: a real SIGTERM during the final grid (after the evaluation's samples)
-    stops at once with exit 143 and a true message; the rerun writes the evaluation record once and the grid."""
+def test_sigterm_in_the_last_evaluation_stops_it_and_the_rerun_redoes_it_once(files, tmp_path, monkeypatch, capsys,
+                                                                              classifier_cache):
+    """train_diffusion.py after its last step: a real SIGTERM during the evaluation's first chunk of samples stops it
+    with exit 143 and a true message, no record written; the rerun evaluates once and writes the grid."""
     monkeypatch.setenv("EPG_CACHE", str(classifier_cache))       # the 32 px reference classifier, trained once
     out = tmp_path / "run"
     args = base_args(train_diffusion, files) + ["--image-size", 32, "--init", files["rcm32"], "--eval-samples", 10,
                                                 "--out", out]
-    sample_grid = sigterm_on_call(monkeypatch, train_diffusion, "sample_grid", 2)
+    generate = sigterm_on_call(monkeypatch, evaluate, "generate", 1)
     code, _, err = cli(monkeypatch, capsys, train_diffusion, args)
-    assert code == 143 and "SIGTERM: stopped in the end-of-run sampling" in err, err[-2000:]
+    assert code == 143 and "SIGTERM: stopped in the evaluation of step 2" in err, err[-2000:]
     assert load(out / "ckpt_last.pt")["step"] == 2 and not (out / "samples_0000002.png").exists()
-    monkeypatch.setattr(train_diffusion, "sample_grid", sample_grid)
+    assert not any("eval_seconds" in line for line in open(out / "metrics.jsonl"))
+    monkeypatch.setattr(evaluate, "generate", generate)
     code, stdout, err = cli(monkeypatch, capsys, train_diffusion, args)
-    assert code == 0 and "nothing to do" in stdout and "final sample grid" in stdout, err[-2000:]
+    assert code == 0 and "nothing to do" in stdout and "evaluation at step 2" in stdout, err[-2000:]
+    assert (out / "samples_0000002.png").exists()
     import json
-    assert sum("eval_class_acc" in json.loads(line) for line in open(out / "metrics.jsonl")) == 1
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "eval_seconds" in line] == [2]
 
 
 def test_a_corrupt_last_checkpoint_is_caught_by_its_checksum_and_the_newest_intact_one_resumes(files, tmp_path,
