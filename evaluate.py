@@ -275,7 +275,6 @@ class Evaluator:
                                        f"--inception PATH; or pass --eval-every 0")
             self.n = 0                                  # no reference: no evaluation (sample.py + fid.py later)
         elif self.n and args.data is not None:
-            self.judge = fid.load_inception(args.inception, self.device)
             ref = fid.open_input(args.eval_ref)
             if ref.image_size is not None and tuple(ref.image_size) != (args.image_size, args.image_size):
                 raise rundir.UserError(f"--eval-ref {args.eval_ref} holds {ref.image_size[1]}x{ref.image_size[0]} "
@@ -283,6 +282,7 @@ class Evaluator:
             if ref.resize not in (None, "tf"):
                 raise rundir.UserError(f"--eval-ref {args.eval_ref} was computed with --resize {ref.resize}; the "
                                        f"online evaluation uses tf: recompute it with fid.py --save-stats")
+            self.judge = fid.load_inception(args.inception, self.device)
             self.reference = fid.EvalInput(ref.name, stats=fid.input_statistics(ref, self.judge, device=self.device,
                                                                                    progress=env.main))
         elif self.n:

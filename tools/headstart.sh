@@ -9,24 +9,29 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${OUT:-runs/headstart}
 SEEDS=${SEEDS:-0 1}
-PT_STEPS=${PT_STEPS:-2000}            # RCM-T pre-training (cosine to 0 over these steps)
+PT_STEPS=${PT_STEPS:-2000}            # RCM-T pre-training schedule (cosine to 0 over these steps) ...
+PT_USE=${PT_USE:-1000}                # ... of which the fine-tunings start from this step's kept checkpoint
 DM_STEPS=${DM_STEPS:-2400}; DM_EVERY=${DM_EVERY:-600}
-CM_STEPS=${CM_STEPS:-1200}; CM_EVERY=${CM_EVERY:-300}
+CM_STEPS=${CM_STEPS:-800}; CM_EVERY=${CM_EVERY:-200}
 SAMPLES=${SAMPLES:-500}               # class-balanced samples per evaluation
-RCM=$OUT/rcm_t/ckpt_last.pt
+RCM=$OUT/rcm_t/$(printf "ckpt_%07d.pt" "$PT_USE")
 
 run() { echo "+ $*"; "$PY" "$@"; }
-run pretrain.py --model T --steps "$PT_STEPS" --probe-every 500 --out "$OUT/rcm_t"
-for seed in $SEEDS; do
-  for start in rcm scratch; do
-    init=(--init "$RCM"); [ "$start" = scratch ] && init=(--from-scratch)
-    common=(--model T --seed "$seed" --eval-samples "$SAMPLES" "${init[@]}")
-    run train_diffusion.py "${common[@]}" --steps "$DM_STEPS" --eval-every "$DM_EVERY" \
-        --out "$OUT/dm_const_${start}_s$seed"
-    run train_diffusion.py "${common[@]}" --steps "$DM_STEPS" --eval-every "$DM_EVERY" \
-        --lr-schedule cosine --warmup 300 --out "$OUT/dm_warm_${start}_s$seed"
-    run train_consistency.py "${common[@]}" --steps "$CM_STEPS" --eval-every "$CM_EVERY" \
-        --out "$OUT/cm_${start}_s$seed"
+run pretrain.py --model T --steps "$PT_STEPS" --probe-every 500 --keep-every "$PT_USE" --out "$OUT/rcm_t"
+for arm in const cm warm; do
+  for seed in $SEEDS; do
+    for start in rcm scratch; do
+      init=(--init "$RCM"); [ "$start" = scratch ] && init=(--from-scratch)
+      common=(--model T --seed "$seed" --eval-samples "$SAMPLES" "${init[@]}")
+      case $arm in
+        const) run train_diffusion.py "${common[@]}" --steps "$DM_STEPS" --eval-every "$DM_EVERY" \
+                   --out "$OUT/dm_const_${start}_s$seed" ;;
+        cm)    run train_consistency.py "${common[@]}" --steps "$CM_STEPS" --eval-every "$CM_EVERY" \
+                   --out "$OUT/cm_${start}_s$seed" ;;
+        warm)  run train_diffusion.py "${common[@]}" --steps "$DM_STEPS" --eval-every "$DM_EVERY" \
+                   --lr-schedule cosine --warmup 300 --out "$OUT/dm_warm_${start}_s$seed" ;;
+      esac
+    done
   done
 done
 for metric in class_acc fd_ref; do
