@@ -51,6 +51,7 @@ def evaluated(tmp_path_factory, classifier_cache):
     """Diffusion EPG-T, 6 steps, evaluated every 3 steps with 20 samples (Heun-3, the T preset's recorded guidance)."""
     os.environ["EPG_CACHE"] = str(classifier_cache)
     out = tmp_path_factory.mktemp("eval") / "run"
+    torch.set_num_threads(1)                   # as every test here: the bitwise comparison needs the same threads
     assert run(train_diffusion, *TINY, "--steps", 6, "--eval-every", 3, "--eval-samples", 20, "--sample-steps", 3,
                "--keep-every", 3, "--out", out) == 0
     return out
