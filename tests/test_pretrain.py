@@ -130,6 +130,7 @@ def test_resume_with_another_model_is_refused(single_run, tmp_path):
     mtime = os.stat(out / "ckpt_last.pt").st_mtime_ns
     cmd = pretrain_cmd(out, "--steps", 6)
     cmd[cmd.index("--model") + 1] = "S"
+    cmd += ["--data", "shapes"]                                   # other sizes train on the shapes only when asked
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
