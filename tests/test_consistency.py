@@ -338,7 +338,8 @@ def test_paper_model_defaults_are_tables_9_and_11_and_flags_override_the_noise_p
     tiny = tc.parse_args(["--model", "T", "--p-mean", "2.0", "--p-std", "1.0"])
     assert (tiny.p_mean, tiny.p_std) == (2.0, 1.0)
     assert tiny.lr_milestones == [] and tiny.stage_interval == 100_000
-    assert tc.parse_args(["--steps", "7000", "--lr-milestones", "0.5", "--lr-factors", "0.3"]).lr_milestones == [3500]
+    assert tc.parse_args(["--model", "T", "--steps", "7000", "--lr-milestones", "0.5", "--lr-factors",
+                          "0.3"]).lr_milestones == [3500]
 
 
 def test_init_diffusion_starts_f_theta_from_the_diffusion_ema(tmp_path, rcm_ckpt):
