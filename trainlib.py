@@ -26,7 +26,8 @@ import rundir
 # ---- Command line: every CONFIG key is a flag, its CONFIG comment the help; PRESETS[--model] the one override ----
 RUN = dict(                    # flags of every training script that do not change what is learnt
     data=None,                 # ImageFolder/ImageNet-layout directory (one subfolder per class; tools/prepare.py);
-                               # shapes: the embedded toy data set; none: shapes at --model T, an error at other sizes
+                               # shapes: the embedded toy data set (a folder of that name: ./shapes); none: shapes at
+                               # --model T, an error at other sizes
     seed=0,                    # seed of every random stream (data order, noise, init)
     micro_batch=None,          # per-process batch of one forward/backward (gradient accumulation); none: no
                                # accumulation
