@@ -4,7 +4,7 @@ Each objective is one function of the networks and a batch that returns per-samp
 training/loss.py: `rcm_loss` (eq. 8), `diffusion_loss` (eq. 1), `consistency_loss` (eq. 4-5) and `aux_loss` (eq. 9).
 Eq. 8 and eq. 9 compare against stop-gradient keys of the whole batch, computed first by `rcm_keys` / `aux_keys`, so
 that with --micro-batch every micro-batch's queries still see every key. The random variables of a step are drawn
-here too, one stream each (`diffusion_draws`, `consistency_draws`; eq. 8's `rc_noise_pair`).
+here too, one stream each (`rcm_draws`, `diffusion_draws`, `consistency_draws`).
 
 Paper: Lei et al., arXiv 2510.12586, §2-3, eq. 1, 4-10, Tables 9-11. Conventions:
 
@@ -161,6 +161,14 @@ def rc_noise_pair(batch_size, num_scales, generator=None, shared=False, device="
     count = 1 if shared else batch_size
     n = torch.randint(0, num_scales - 1, (count,), generator=generator).expand(batch_size)
     return tuple(karras_sigmas(num_scales, index=i).float().to(device, non_blocking=True) for i in (n, n + 1))
+
+
+def rcm_draws(generator, x, mine, batch_size, num_scales, shared=False):
+    """The random variables of eq. 8 for this rank's images x (B, 3, H, W), the slice `mine` of a global batch of
+    batch_size -> device tensors (t_n, t_{n-1} (B,) UNSHIFTED, as tau(t_n) takes them; eps): the adjacent levels of
+    rc_noise_pair on the N = num_scales grid and eps, each from its own stream."""
+    t_n, t_next = rc_noise_pair(batch_size, num_scales, generator("cpu", STREAM_LEVEL), shared, x.device)
+    return t_n[mine], t_next[mine], step_eps(generator, x, mine, batch_size)
 
 
 @torch.no_grad()

@@ -217,14 +217,12 @@ def main(argv=None):
         lr_now = trainlib.set_lr(optimizer, trainlib.learning_rate(step, args, lr))
         batch = trainlib.to_device(next(batches), device)
         x, view1, view2 = batch["clean"], batch["view1"], batch["view2"]
-        # t_n > t_{n-1} (unshifted, grid of N(k) points) and eps for the GLOBAL batch; this rank takes its slice
+        # t_n > t_{n-1} (unshifted, grid of N(k) points) and eps, drawn over the GLOBAL batch
         num_scales = losses.ict_num_scales(step, args.steps, args.scales_start, args.scales_end, args.curriculum)
-        generator = trainlib.step_generators(args.seed, step)
-        sigma_n, sigma_next = losses.rc_noise_pair(args.batch_size, num_scales, generator("cpu", losses.STREAM_LEVEL),
-                                                   shared=args.shared_noise_index, device=device)
-        eps = losses.step_eps(generator, x, mine, args.batch_size)
-        tau_rc = losses.rc_tau(sigma_n[mine], step, args.steps, args.tau1, args.tau2, args.tau_schedule)
-        sigma_n, sigma_next = shift * sigma_n[mine], shift * sigma_next[mine]    # Table 9: shifted levels
+        t_n, t_next, eps = losses.rcm_draws(trainlib.step_generators(args.seed, step), x, mine, args.batch_size,
+                                            num_scales, args.shared_noise_index)
+        tau_rc = losses.rc_tau(t_n, step, args.steps, args.tau1, args.tau2, args.tau_schedule)
+        sigma_n, sigma_next = shift * t_n, shift * t_next                          # Table 9: shifted levels
 
         with trainlib.autocast(device):                                       # the stop-gradient keys, whole batch
             keys = losses.rcm_keys(momentum_fn, target_fn, x, view1, view2, eps, sigma_next, sigma_views)

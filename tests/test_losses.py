@@ -340,10 +340,11 @@ def _generators(seed):
     return lambda device, stream: torch.Generator(device=device).manual_seed(1000 * seed + stream)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "consistency"])
+@pytest.mark.parametrize("objective", ["rcm", "diffusion", "consistency"])
 def test_draws_do_not_depend_on_the_number_of_processes(objective):
     # 4 ranks, each drawing its slice of a global batch of 8, together hold exactly what one process draws
-    draws = {"diffusion": lambda g, x, y, mine: losses.diffusion_draws(g, x, y, mine, 8, 10, 0.4, 1.6, 0.5),
+    draws = {"rcm": lambda g, x, y, mine: losses.rcm_draws(g, x, mine, 8, 21),
+             "diffusion": lambda g, x, y, mine: losses.diffusion_draws(g, x, y, mine, 8, 10, 0.4, 1.6, 0.5),
              "consistency": lambda g, x, y, mine: losses.consistency_draws(g, x, y, mine, 8, 10, 2, 1.2, 1.6, 0.5)}
     draw = draws[objective]
     x, y = torch.zeros(8, 3, 16, 16), torch.arange(8)
@@ -352,11 +353,12 @@ def test_draws_do_not_depend_on_the_number_of_processes(objective):
     for i, value in enumerate(whole):
         assert torch.equal(value, torch.cat([p[i] for p in parts]))
     assert whole[2].shape == (8, 3, 16, 16)
-    # the levels are shifted by s = 16 / 64 (Table 9): four times the unshifted draw of the same stream
-    unshifted = (losses.diffusion_noise(8, _generators(3)("cpu", losses.STREAM_LEVEL), 0.4, 1.6)[0]
-                 if objective == "diffusion" else
-                 losses.ct_time_pair(8, 2, _generators(3)("cpu", losses.STREAM_LEVEL), 1.2, 1.6)[0])
-    assert torch.allclose(whole[0], unshifted / 4)
+    # the fine-tuning levels come shifted by s = 16 / 64 (Table 9), eq. 8's unshifted (tau(t_n) takes them so)
+    level = _generators(3)("cpu", losses.STREAM_LEVEL)
+    unshifted = {"rcm": lambda: losses.rc_noise_pair(8, 21, level)[0],
+                 "diffusion": lambda: losses.diffusion_noise(8, level, 0.4, 1.6)[0],
+                 "consistency": lambda: losses.ct_time_pair(8, 2, level, 1.2, 1.6)[0]}[objective]()
+    assert torch.allclose(whole[0], unshifted * (1 if objective == "rcm" else 16 / 64))
 
 
 def test_label_dropout_has_its_own_stream():

@@ -70,8 +70,9 @@ def pretrain_stage(args, device):
     target_fn = trainlib.compiled(rcm.features, args, device)
     opt = trainlib.adamw(rcm, 1e-4, (0.9, 0.999), 0.03, device=device)
     b, s = args.batch_size, losses.resolution_shift(args.image_size)
-    x, y1, y2, eps = _images(args, device, 4)
-    s_n, s_next = (s * v for v in losses.rc_noise_pair(b, 641, device=device))
+    x, y1, y2 = _images(args, device, 3)
+    t_n, t_next, eps = losses.rcm_draws(trainlib.step_generators(0, 0), x, slice(None), b, 641)
+    s_n, s_next = s * t_n, s * t_next
     tau = torch.full((b,), 0.15, device=device)
 
     def step():
