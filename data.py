@@ -222,7 +222,7 @@ def class_counts(dataset):
 # ---- Training views (paper Tables 10 and 11) ----
 class _GaussianBlur:
     """MoCo v3's blur: PIL's Gaussian blur with sigma ~ U(sigma) pixels, drawn from torch's global RNG (why not
-    torchvision's GaussianBlur: it truncates to a fixed kernel size, MoCo v3's PIL filter does not)."""
+    torchvision's GaussianBlur: another filter, its kernel size fixed in advance; MoCo v3 and the authors use PIL's)."""
 
     def __init__(self, sigma):
         self.sigma = sigma
