@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
+from torchvision.utils import save_image
 
 import shapes
 import rundir
 import trainlib
 
-DataError = rundir.UserError          # a data problem is the user's to fix: one line, exit code 2
 
 
 # ---- Normalisation ----
@@ -29,7 +29,7 @@ _SHIFT_SCALE = {"simple": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 
 def _shift_scale(mode, like):
     if mode not in _SHIFT_SCALE:
-        raise DataError(f"unknown normalization {mode!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        raise rundir.UserError(f"unknown normalization {mode!r}; choose one of {', '.join(NORMALIZATIONS)}")
     dtype = like.dtype if like.is_floating_point() else torch.float32
     return (torch.tensor(v, dtype=dtype, device=like.device).view(3, 1, 1) for v in _SHIFT_SCALE[mode])
 
@@ -59,10 +59,8 @@ def to_uint8_hwc(x, mode="simple"):
 
 def save_grid(images, path, columns):
     """uint8 images (N, H, W, 3) tiled into one PNG with white gaps, written atomically (a final grid ends a run)."""
-    from torchvision.utils import make_grid
-    grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=columns, padding=2,
-                     pad_value=255)
-    rundir.write_atomically(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0     # exact back to uint8
+    rundir.write_atomically(path, lambda f: save_image(x, f, nrow=columns, padding=2, pad_value=1.0, format="PNG"))
 
 
 def class_grid(images, labels, path, max_classes=10, per_class=10):
@@ -92,14 +90,15 @@ def _rgb(image):
 class ImageFolder(torch.utils.data.Dataset):
     """root/<class_name>/<images> -> (uint8 (3, S, S), index of the sorted class folder), any mode made RGB. Images
     should be S x S already (tools/prepare.py): a few are checked at start, a wrong-sized one met later is
-    center-cropped on the fly. A corrupt file is reported once and replaced by the next readable item."""
+    center-cropped on the fly. A corrupt file is reported once and replaced by the next readable item (why not
+    torchvision's ImageFolder: its first unreadable file would end a multi-day run)."""
 
     def __init__(self, root, image_size):
         self.root, self.image_size = Path(root), int(image_size)
         self.prepare_hint = f"`python tools/prepare.py SRC DST --image-size {self.image_size}`"
         if not self.root.is_dir():
-            raise DataError(f"data directory {self.root} does not exist or is not a directory "
-                            f"(expected DIR/<class_name>/<images>)")
+            raise rundir.UserError(f"data directory {self.root} does not exist or is not a directory "
+                                   f"(expected DIR/<class_name>/<images>)")
         paths, labels = [], []
         try:                                       # a symlink loop: ELOOP
             self.classes = sorted(e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir())
@@ -108,18 +107,18 @@ class ImageFolder(torch.utils.data.Dataset):
                 paths += [os.fsencode(os.path.join(name, f)) for f in files]
                 labels += [label] * len(files)
         except OSError as e:
-            raise DataError(f"cannot read {e.filename} ({e.strerror}); fix or remove it") from None
+            raise rundir.UserError(f"cannot read {e.filename} ({e.strerror}); fix or remove it") from None
         self.num_classes = len(self.classes)
         if not self.classes:
-            raise DataError(f"data directory {self.root} has no class sub-folders; expected DIR/<class_name>/<images> "
-                            f"(images of one class can go into a single sub-folder)")
+            raise rundir.UserError(f"data directory {self.root} has no class sub-folders; expected "
+                                   f"DIR/<class_name>/<images> (images of one class can go into a single sub-folder)")
         if not paths:
-            raise DataError(f"no images (.png, .jpg, .jpeg) found in the class folders of {self.root}")
+            raise rundir.UserError(f"no images (.png, .jpg, .jpeg) found in the class folders of {self.root}")
         counts = np.bincount(labels, minlength=self.num_classes)
         empty = [name for name, count in zip(self.classes, counts) if not count]
         if empty:
-            raise DataError(f"class folders without images in {self.root}: {', '.join(empty)}; every sub-folder is a "
-                            f"class: remove them or add their images")
+            raise rundir.UserError(f"class folders without images in {self.root}: {', '.join(empty)}; every "
+                                   f"sub-folder is a class: remove them or add their images")
         # numpy arrays rather than lists of str: DataLoader workers share them without copy-on-read
         self._paths, self._labels = np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64)
         self._reported = set()
@@ -143,11 +142,12 @@ class ImageFolder(torch.utils.data.Dataset):
                 unreadable.append(f"{self.path(i)} ({type(error).__name__})")
                 continue
             if size != (self.image_size, self.image_size):
-                raise DataError(f"images in {self.root} must be {self.image_size}x{self.image_size} but {self.path(i)} "
-                                f"is {size[0]}x{size[1]}; preprocess the folder once with {self.prepare_hint}")
+                raise rundir.UserError(f"images in {self.root} must be {self.image_size}x{self.image_size} but "
+                                       f"{self.path(i)} is {size[0]}x{size[1]}; preprocess the folder once with "
+                                       f"{self.prepare_hint}")
         if len(unreadable) == len(checked):
-            raise DataError(f"none of the {len(checked)} images checked in {self.root} can be read, e.g. "
-                            f"{unreadable[0]}; replace the corrupt files or prepare the folder again")
+            raise rundir.UserError(f"none of the {len(checked)} images checked in {self.root} can be read, e.g. "
+                                   f"{unreadable[0]}; replace the corrupt files or prepare the folder again")
 
     def _report(self, i, message):
         if i not in self._reported:
@@ -170,7 +170,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 return self._read(j), int(self._labels[j]), skipped
             except Exception as error:  # PIL raises many types for broken files; a multi-day run must go on
                 self._report(j, f"unreadable, skipped ({type(error).__name__}: {error})")
-        raise DataError(f"none of the {len(self)} images in {self.root} can be read")
+        raise rundir.UserError(f"none of the {len(self)} images in {self.root} can be read")
 
     def __getitem__(self, i):
         return self.load_item(i)[:2]
@@ -188,7 +188,7 @@ def build_dataset(data_dir, image_size, split="train", seed=0):
     """data_dir None: EmbeddedShapes(split); else an ImageFolder: train = DIR/train if it exists, else DIR; val =
     DIR/val when DIR/train and DIR/val exist (so no class may be called "train")."""
     if split not in shapes.SPLITS:
-        raise DataError(f"unknown split {split!r}; choose 'train' or 'val'")
+        raise rundir.UserError(f"unknown split {split!r}; choose 'train' or 'val'")
     if data_dir is None:
         return shapes.EmbeddedShapes(split=split, image_size=image_size, seed=seed)
     data_dir = Path(data_dir)
@@ -197,8 +197,15 @@ def build_dataset(data_dir, image_size, split="train", seed=0):
         return ImageFolder(data_dir / "train" if split_layout else data_dir, image_size)
     if split_layout and (data_dir / "val").is_dir():
         return ImageFolder(data_dir / "val", image_size)
-    raise DataError(f"no validation images for {data_dir}: use the layout {data_dir}/train/<class>/... + "
-                    f"{data_dir}/val/<class>/...")
+    raise rundir.UserError(f"no validation images for {data_dir}: use the layout {data_dir}/train/<class>/... + "
+                           f"{data_dir}/val/<class>/...")
+
+
+def describe(dataset):
+    """The data set as a start line names it: its source, image and class counts."""
+    root = getattr(dataset, "root", None)
+    source = f"image folder {root}" if root is not None else "the embedded shapes (shapes.py)"
+    return f"data: {source}, {len(dataset)} images, {dataset.num_classes} classes"
 
 
 def identity(dataset):
@@ -214,7 +221,8 @@ def class_counts(dataset):
 
 # ---- Training views (paper Tables 10 and 11) ----
 class _GaussianBlur:
-    """MoCo v3's blur: PIL's Gaussian blur with sigma ~ U(sigma) pixels, drawn from torch's global RNG."""
+    """MoCo v3's blur: PIL's Gaussian blur with sigma ~ U(sigma) pixels, drawn from torch's global RNG (why not
+    torchvision's GaussianBlur: another filter, its kernel size fixed in advance; MoCo v3 and the authors use PIL's)."""
 
     def __init__(self, sigma):
         self.sigma = sigma
@@ -259,7 +267,8 @@ _TAG_PERMUTATION, _TAG_AUGMENT = 12, 13        # stream tags: different uses of 
 
 
 def _step_positions(global_batch, rank, world, start_step):
-    """Batch sampler: the r-th of `world` slices of the global positions k*B ... (k+1)*B-1, steps k >= start_step."""
+    """Batch sampler: the r-th of `world` slices of the global positions k*B ... (k+1)*B-1, steps k >= start_step
+    (why not DistributedSampler: it cannot start at a step mid-epoch, and its batches depend on the world size)."""
     size = global_batch // world
     for step in itertools.count(start_step):
         first = step * global_batch + rank * size
@@ -296,10 +305,11 @@ class BatchStream:
     def __init__(self, dataset, global_batch, rank=0, world=1, seed=0, views="finetune", mode="simple",
                  start_step=0, num_workers=0, pin_memory=False):
         if global_batch <= 0 or global_batch % world:          # the scripts' flags are checked before (trainlib)
-            raise DataError(f"global batch size {global_batch} must be positive and divisible by the {world} processes")
+            raise rundir.UserError(f"global batch size {global_batch} must be positive and divisible by the {world} "
+                                   f"processes")
         if views not in ("pretrain", "finetune") or mode not in NORMALIZATIONS:
-            raise DataError(f"unknown views {views!r} or normalization {mode!r}: choose pretrain or finetune, and "
-                            f"{' or '.join(NORMALIZATIONS)}")
+            raise rundir.UserError(f"unknown views {views!r} or normalization {mode!r}: choose pretrain or finetune, "
+                                   f"and {' or '.join(NORMALIZATIONS)}")
         self.dataset, self.global_batch, self.rank, self.world = dataset, global_batch, rank, world
         self.seed, self.views, self.mode = int(seed), views, mode
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
@@ -337,7 +347,7 @@ def probe_sets(data_dir, image_size, mode, seed, bank_size, num_queries):
     train = build_dataset(data_dir, image_size, "train", seed)
     try:
         held_out = build_dataset(data_dir, image_size, "val", seed)
-    except DataError:
+    except rundir.UserError:
         held_out = None
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=g).tolist()
@@ -347,8 +357,8 @@ def probe_sets(data_dir, image_size, mode, seed, bank_size, num_queries):
         queries, order = [(train, i) for i in order[:min(num_queries, len(train) // 5)]], order[len(train) // 5:]
     bank = [(train, i) for i in order[:bank_size]]
     if not queries or not bank:
-        raise DataError(f"the kNN probe needs at least 5 training images, the data has {len(train)}; add images or "
-                        f"pass --probe-every 0")
+        raise rundir.UserError(f"the kNN probe needs at least 5 training images, the data has {len(train)}; add "
+                               f"images or pass --probe-every 0")
 
     def load(items):
         images, labels = zip(*(load_item(dataset, i)[:2] for dataset, i in items))

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from scipy import linalg
 from torchvision.models import inception
 
+import data
 import rundir
 import trainlib
 
@@ -57,9 +58,7 @@ SPATIAL_CHANNELS = 7          # ADM: mixed_6/conv[..., :7]
 IS_SPLIT_SIZE = 5000          # ADM: consecutive chunks of 5000 images, mean over chunks
 PR_NEIGHBOURS = 3             # k of the k-NN manifold radius (Kynkaanniemi et al. 2019; ADM)
 RESIZE_MODES = ("tf", "pytorch-fid")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features", "logits")
-MetricsError = rundir.UserError      # a problem with the user's files or flags: one line, exit code 2
 
 
 # ---- The FID Inception-v3 (the 2015-12-05 TF graph as pytorch-fid ports it) ----
@@ -171,22 +170,22 @@ def find_inception_weights(path=None):
     if explicit:
         file = Path(explicit).expanduser()
         if not file.is_file():
-            raise MetricsError(f"Inception weights file '{file}' does not exist (given by "
-                               f"{'--inception' if path else 'EPG_INCEPTION'}); point it at {INCEPTION_FILENAME}")
+            raise rundir.UserError(f"Inception weights file '{file}' does not exist (given by "
+                                   f"{'--inception' if path else 'EPG_INCEPTION'}); point it at {INCEPTION_FILENAME}")
     else:
         file = next((f for f in (hub_dir / INCEPTION_FILENAME, hub_dir / INCEPTION_FILENAME_TORCH_FIDELITY)
                      if f.is_file()), None)
         if file is None:
-            raise MetricsError(f"Inception weights {INCEPTION_FILENAME} not found (fid.py never downloads): fetch "
-                               f"{INCEPTION_URL} (pytorch-fid's GitHub release) and put it in {hub_dir}/, or pass "
-                               f"--inception PATH, or set EPG_INCEPTION=PATH")
+            raise rundir.UserError(f"Inception weights {INCEPTION_FILENAME} not found (fid.py never downloads): fetch "
+                                   f"{INCEPTION_URL} (pytorch-fid's GitHub release) and put it in {hub_dir}/, or pass "
+                                   f"--inception PATH, or set EPG_INCEPTION=PATH")
     with open(file, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if digest.startswith(INCEPTION_SHA256_PREFIX):
         return file
     if not explicit:
-        raise MetricsError(f"'{file}' is corrupt (sha256 {digest[:8]}..., expected {INCEPTION_SHA256_PREFIX}...): "
-                           f"delete it and download it again from {INCEPTION_URL}")
+        raise rundir.UserError(f"'{file}' is corrupt (sha256 {digest[:8]}..., expected {INCEPTION_SHA256_PREFIX}...): "
+                               f"delete it and download it again from {INCEPTION_URL}")
     warnings.warn(f"'{file}' has sha256 {digest[:8]}..., not {INCEPTION_SHA256_PREFIX}...: these are not the FID "
                   f"Inception weights, so the numbers are not comparable with published FIDs")
     return file
@@ -199,20 +198,20 @@ def load_inception(path=None, device="cpu", resize="tf"):
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                   # truncated zip, not a torch file, pickled objects...
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MetricsError(f"cannot read Inception weights '{path}' ({reason}): the file is corrupt or not a "
-                           f"state dict; download {INCEPTION_FILENAME} again from {INCEPTION_URL}") from None
+        raise rundir.UserError(f"cannot read Inception weights '{path}' ({reason}): the file is corrupt or not a "
+                               f"state dict; download {INCEPTION_FILENAME} again from {INCEPTION_URL}") from None
     model = FIDInceptionV3(resize)
     keys = set(state_dict) if isinstance(state_dict, dict) else set()
     missing = sorted(k for k in set(model.state_dict()) - keys if not k.endswith("num_batches_tracked"))
     unexpected = sorted(keys - set(model.state_dict()))
     if missing or unexpected:
-        raise MetricsError(f"'{path}' is not the FID Inception state dict: {len(missing)} missing keys (e.g. "
-                           f"{missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
+        raise rundir.UserError(f"'{path}' is not the FID Inception state dict: {len(missing)} missing keys (e.g. "
+                               f"{missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
     try:
         model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:
-        raise MetricsError(f"'{path}' has tensors of the wrong shape for the FID Inception: "
-                           f"{str(e).strip().splitlines()[-1].strip()}") from None
+        raise rundir.UserError(f"'{path}' has tensors of the wrong shape for the FID Inception: "
+                               f"{str(e).strip().splitlines()[-1].strip()}") from None
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -221,9 +220,9 @@ class FolderImages:
     """The .png/.jpg/.jpeg images of a folder, sorted by name; read(start, stop) -> uint8 (n, H, W, 3)."""
 
     def __init__(self, folder):
-        self.files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.files = sorted(p for p in Path(folder).iterdir() if data.is_image_file(p.name))
         if not self.files:
-            raise MetricsError(f"folder '{folder}' contains no {'/'.join(IMAGE_EXTENSIONS)} images")
+            raise rundir.UserError(f"folder '{folder}' contains no {'/'.join(data.IMAGE_EXTENSIONS)} images")
         self.image_shape = self._load(self.files[0]).shape
 
     def __len__(self):
@@ -235,15 +234,15 @@ class FolderImages:
             with Image.open(file) as image:
                 return np.asarray(image.convert("RGB"))
         except Exception as e:
-            raise MetricsError(f"cannot read image '{file}': {e}") from None
+            raise rundir.UserError(f"cannot read image '{file}': {e}") from None
 
     def read(self, start, stop):
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             images = list(pool.map(self._load, self.files[start:stop]))
         for file, image in zip(self.files[start:stop], images):
             if image.shape != self.image_shape:
-                raise MetricsError(f"'{file}' is {image.shape[1]}x{image.shape[0]} but '{self.files[0].name}' is "
-                                   f"{self.image_shape[1]}x{self.image_shape[0]}: all images must have one size")
+                raise rundir.UserError(f"'{file}' is {image.shape[1]}x{image.shape[0]} but '{self.files[0].name}' is "
+                                       f"{self.image_shape[1]}x{self.image_shape[0]}: all images must have one size")
         return np.stack(images)
 
 
@@ -261,10 +260,10 @@ class NpzImages:
             shape, fortran_order, dtype = read_header(f)
             header_bytes = f.tell()
         if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
-            raise MetricsError(f"'{path}': {key} must be uint8 images of shape (N, H, W, 3) (NHWC, as written by "
-                               f"np.savez), got {dtype} {shape}")
+            raise rundir.UserError(f"'{path}': {key} must be uint8 images of shape (N, H, W, 3) (NHWC, as written by "
+                                   f"np.savez), got {dtype} {shape}")
         if shape[0] == 0:
-            raise MetricsError(f"'{path}' holds no images ({key} has shape {shape})")
+            raise rundir.UserError(f"'{path}' holds no images ({key} has shape {shape})")
         if info.compress_type == zipfile.ZIP_STORED:
             with open(path, "rb") as raw:              # data start = local file header (30 bytes + name + extra)
                 raw.seek(info.header_offset)
@@ -287,20 +286,20 @@ def check_statistics(stats, source):
     for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mean_key in stats) != (cov_key in stats):
             present, absent = (mean_key, cov_key) if mean_key in stats else (cov_key, mean_key)
-            raise MetricsError(f"'{source}' has '{present}' but not '{absent}'")
+            raise rundir.UserError(f"'{source}' has '{present}' but not '{absent}'")
         if mean_key in stats:
             mu, sigma = stats[mean_key], stats[cov_key]
             if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
-                raise MetricsError(f"'{source}': {mean_key}/{cov_key} must be floating point, got "
-                                   f"{mu.dtype}/{sigma.dtype}")
+                raise rundir.UserError(f"'{source}': {mean_key}/{cov_key} must be floating point, got "
+                                       f"{mu.dtype}/{sigma.dtype}")
             if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-                raise MetricsError(f"'{source}': {mean_key} must have shape (D,) and {cov_key} (D, D), got "
-                                   f"{mu.shape} and {sigma.shape}")
+                raise rundir.UserError(f"'{source}': {mean_key} must have shape (D,) and {cov_key} (D, D), got "
+                                       f"{mu.shape} and {sigma.shape}")
     for key, dim in (("pool_features", 2048), ("logits", 1008)):
         if key in stats and (stats[key].ndim != 2 or stats[key].shape[1] != dim
                              or not np.issubdtype(stats[key].dtype, np.floating)):
-            raise MetricsError(f"'{source}': {key} must be float of shape (N, {dim}), got {stats[key].dtype} "
-                               f"{stats[key].shape}")
+            raise rundir.UserError(f"'{source}': {key} must be float of shape (N, {dim}), got {stats[key].dtype} "
+                                   f"{stats[key].shape}")
 
 
 class EvalInput:
@@ -318,7 +317,7 @@ def open_input(path):
     if path.is_dir():
         return EvalInput(str(path), images=FolderImages(path))
     if not path.is_file():
-        raise MetricsError(f"'{path}' does not exist (expected a folder of images or an .npz file)")
+        raise rundir.UserError(f"'{path}' does not exist (expected a folder of images or an .npz file)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
@@ -326,10 +325,10 @@ def open_input(path):
             resize = str(npz["resize"]) if "resize" in keys else None
             image_size = tuple(int(v) for v in npz["image_size"]) if "image_size" in keys else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise MetricsError(f"cannot read '{path}' as an npz file: {e}") from None
+        raise rundir.UserError(f"cannot read '{path}' as an npz file: {e}") from None
     if not keys & {"arr_0", "mu", "pool_features"}:
-        raise MetricsError(f"'{path}' has keys {sorted(keys)}: expected 'arr_0' (images, N x H x W x 3 uint8) "
-                           f"and/or statistics 'mu', 'sigma' (see --save-stats)")
+        raise rundir.UserError(f"'{path}' has keys {sorted(keys)}: expected 'arr_0' (images, N x H x W x 3 uint8) "
+                               f"and/or statistics 'mu', 'sigma' (see --save-stats)")
     check_statistics(stats, path)
     for key in ("mu", "sigma", "mu_s", "sigma_s"):
         if key in stats:
@@ -385,7 +384,7 @@ def gaussian_statistics(features):
     """Mean (D,) and unbiased covariance (D, D), float64, of features (N, D)."""
     features = np.asarray(features, dtype=np.float64)
     if len(features) < 2:
-        raise MetricsError(f"need at least 2 images for a covariance, got {len(features)}")
+        raise rundir.UserError(f"need at least 2 images for a covariance, got {len(features)}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -407,23 +406,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise MetricsError(f"statistics have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]} (were both "
-                           f"computed from the same layer, e.g. 2048-d pool_3?)")
+        raise rundir.UserError(f"statistics have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]} (were both "
+                               f"computed from the same layer, e.g. 2048-d pool_3?)")
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise MetricsError("statistics contain NaN or infinite values")
+        raise rundir.UserError("statistics contain NaN or infinite values")
     covmean = _sqrtm(sigma1 @ sigma2)
     if covmean is None:
         warnings.warn(f"Frechet distance: singular product of covariances; adding {eps} to their diagonals")
         offset = np.eye(len(sigma1)) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
         if covmean is None:
-            raise MetricsError(f"Frechet distance: the covariance product has no square root, even with {eps} added "
-                               f"to the diagonals")
+            raise rundir.UserError(f"Frechet distance: the covariance product has no square root, even with {eps} "
+                                   f"added to the diagonals")
     if np.iscomplexobj(covmean):
         imaginary = np.abs(np.diagonal(covmean).imag).max()
         if imaginary > 1e-3:
-            raise MetricsError(f"Frechet distance: imaginary component {imaginary:.3g} on the diagonal of the square "
-                               f"root of the covariance product: the covariances are not positive semi-definite")
+            raise rundir.UserError(f"Frechet distance: imaginary component {imaginary:.3g} on the diagonal of the "
+                                   f"square root of the covariance product: the covariances are not positive "
+                                   f"semi-definite")
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -455,7 +455,7 @@ def _row_blocks(points, n_cols, budget=1 << 25):
 def manifold_radii(features, k=PR_NEIGHBOURS):
     """Squared distance of each point to its k-th nearest neighbour in the same set, itself excluded. (N, D) -> (N,)."""
     if len(features) <= k:
-        raise MetricsError(f"precision/recall with k={k} needs more than {k} images per set, got {len(features)}")
+        raise rundir.UserError(f"precision/recall with k={k} needs more than {k} images per set, got {len(features)}")
     return torch.cat([_squared_distances(block, features).kthvalue(k + 1, dim=1).values
                       for block in _row_blocks(features, len(features))])
 
@@ -523,16 +523,16 @@ def check_destination(path, needed_bytes):
     """Before any computation: the folder of `path` exists, takes a file, and has `needed_bytes` free."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise MetricsError(f"cannot write '{path}': folder '{folder}' does not exist")
+        raise rundir.UserError(f"cannot write '{path}': folder '{folder}' does not exist")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise MetricsError(f"cannot write '{path}': folder '{folder}' is not writable ({e.strerror})") from None
+        raise rundir.UserError(f"cannot write '{path}': folder '{folder}' is not writable ({e.strerror})") from None
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
-        raise MetricsError(f"cannot write '{path}': it needs about {needed_bytes / 1e6:.3g} MB, the disk of "
-                           f"'{folder}' has {free / 1e6:.3g} MB free")
+        raise rundir.UserError(f"cannot write '{path}': it needs about {needed_bytes / 1e6:.3g} MB, the disk of "
+                               f"'{folder}' has {free / 1e6:.3g} MB free")
 
 
 def save_statistics(path, stats, resize, image_size):
@@ -573,7 +573,7 @@ def run(args):
     samples = open_input(args.samples)
     if args.save_stats:
         if samples.images is None:
-            raise MetricsError(f"'{args.samples}' already holds statistics and no images; nothing to compute")
+            raise rundir.UserError(f"'{args.samples}' already holds statistics and no images; nothing to compute")
         # about the file's size: two float64 Gaussians and the float32 per-image features
         check_destination(args.save_stats, 8 * (2048 + 2048 ** 2 + 2023 + 2023 ** 2)
                           + 4 * len(samples.images) * (2048 + 1008) + 4096)
@@ -581,8 +581,8 @@ def run(args):
         reference = open_input(args.reference)
         if None not in (samples.image_size, reference.image_size) and samples.image_size != reference.image_size:
             (h1, w1), (h2, w2) = samples.image_size, reference.image_size   # Inception would resize both to 299
-            raise MetricsError(f"'{samples.name}' holds {w1}x{h1} images but '{reference.name}' {w2}x{h2}: compare "
-                               f"samples with a reference of the same resolution")
+            raise rundir.UserError(f"'{samples.name}' holds {w1}x{h1} images but '{reference.name}' {w2}x{h2}: compare "
+                                   f"samples with a reference of the same resolution")
         if args.out:
             check_destination(args.out, 4096)
     device = trainlib.init_device(args.device)

@@ -2,6 +2,9 @@
 
 Each objective is one function of the networks and a batch that returns per-sample losses, as in EDM's
 training/loss.py: `rcm_loss` (eq. 8), `diffusion_loss` (eq. 1), `consistency_loss` (eq. 4-5) and `aux_loss` (eq. 9).
+Eq. 8 and eq. 9 compare against stop-gradient keys of the whole batch, computed first by `rcm_keys` / `aux_keys`, so
+that with --micro-batch every micro-batch's queries still see every key. The random variables of a step are drawn
+here too, one stream each (`rcm_draws`, `diffusion_draws`, `consistency_draws`).
 
 Paper: Lei et al., arXiv 2510.12586, §2-3, eq. 1, 4-10, Tables 9-11. Conventions:
 
@@ -60,20 +63,39 @@ def _bcast(v, x):
     return v.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
-def denoise(model, x_t, sigma, y):
-    """Diffusion denoiser D(x_t; sigma~) = F(c_in x_t, c(sigma~), y): x-prediction (Table 9); sigma (B,) shifted."""
-    return model(x_t * _bcast(c_in(sigma), x_t), c_noise(sigma), y)
-
-
 def precondition(x, sigma):
     """Network inputs of noisy images x (B, 3, H, W) at shifted levels sigma (B,): (c_in(sigma) x, c(sigma))."""
     return x * _bcast(c_in(sigma), x), c_noise(sigma)
+
+
+def denoise(model, x_t, sigma, y):
+    """Diffusion denoiser D(x_t; sigma~) = F(c_in x_t, c(sigma~), y): x-prediction (Table 9); sigma (B,) shifted."""
+    return model(*precondition(x_t, sigma), y)
 
 
 def consistency_function(model, x_t, sigma, y, sigma_min):
     """Eq. 4: f(x_t, sigma~) = c_skip x_t + c_out F(c_in x_t, c(sigma~), y)."""
     c_skip, c_out = consistency_scalings(sigma, sigma_min)
     return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * denoise(model, x_t, sigma, y)
+
+
+# ---- The random variables of a step ----
+# generator(device, stream) -> a torch.Generator of the step that every rank builds alike (trainlib.step_generators):
+# each variable is drawn for the GLOBAL batch and a rank keeps its slice `mine`, so a run does not depend on the
+# number of processes; each variable has its own stream, so changing one draw leaves the others' numbers alone.
+STREAM_LEVEL, STREAM_EPS, STREAM_LABEL_DROP = 0, 1, 2     # noise levels (and their weights), eps, label dropout
+
+
+def step_eps(generator, x, mine, batch_size):
+    """eps ~ N(0, I) of the global batch (batch_size, *x.shape[1:]), drawn on x's device -> this rank's slice."""
+    shape = (batch_size, *x.shape[1:])
+    return torch.randn(shape, device=x.device, generator=generator(x.device, STREAM_EPS))[mine]
+
+
+def drop_labels(generator, y, mine, batch_size, p, null_label):
+    """Classifier-free guidance's label dropout: y (this rank's labels) -> null_label w.p. p, per image."""
+    drop = torch.rand(batch_size, generator=generator("cpu", STREAM_LABEL_DROP))[mine].to(y.device, non_blocking=True)
+    return torch.where(drop < p, torch.full_like(y, null_label), y)
 
 
 # ---- NT-Xent (eq. 7) and pre-training (eq. 6-8) ----
@@ -141,6 +163,14 @@ def rc_noise_pair(batch_size, num_scales, generator=None, shared=False, device="
     return tuple(karras_sigmas(num_scales, index=i).float().to(device, non_blocking=True) for i in (n, n + 1))
 
 
+def rcm_draws(generator, x, mine, batch_size, num_scales, shared=False):
+    """The random variables of eq. 8 for this rank's images x (B, 3, H, W), the slice `mine` of a global batch of
+    batch_size -> device tensors (t_n, t_{n-1} (B,) UNSHIFTED, as tau(t_n) takes them; eps): the adjacent levels of
+    rc_noise_pair on the N = num_scales grid and eps, each from its own stream."""
+    t_n, t_next = rc_noise_pair(batch_size, num_scales, generator("cpu", STREAM_LEVEL), shared, x.device)
+    return t_n[mine], t_next[mine], step_eps(generator, x, mine, batch_size)
+
+
 @torch.no_grad()
 def rcm_keys(momentum, target, x, view1, view2, eps, sigma_next, sigma_views):
     """The stop-gradient keys of eq. 8 for a whole step's batch, as global_keys: k1, k2 = L-(E-(y~)) of the momentum
@@ -183,6 +213,17 @@ def diffusion_noise(batch_size, generator=None, p_mean=-1.2, p_std=1.6, num_scal
     return sigma.float(), weight.float()
 
 
+def diffusion_draws(generator, x, y, mine, batch_size, null_label, p_mean=-1.2, p_std=1.6, label_dropout=0.1):
+    """The random variables of eq. 1 for this rank's images x (B, 3, H, W) and labels y, the slice `mine` of a global
+    batch of batch_size -> device tensors (sigma~ = s t_n (B,), weight (B,), eps, y with label dropout to the null
+    class): t_n and its weight of diffusion_noise, eps, label dropout w.p. label_dropout, each from its own stream."""
+    sigma, weight = diffusion_noise(batch_size, generator("cpu", STREAM_LEVEL), p_mean, p_std)
+    sigma, weight = (v.to(x.device, non_blocking=True)
+                     for v in (resolution_shift(x.shape[-1]) * sigma[mine], weight[mine]))      # Table 9: shifted
+    return (sigma, weight, step_eps(generator, x, mine, batch_size),
+            drop_labels(generator, y, mine, batch_size, label_dropout, null_label))
+
+
 def diffusion_loss(net, x0, y, sigma, weight, eps):
     """Eq. 1 per image with Table 9's settings: weight * mean_pixels (D(x0 + sigma eps; sigma, y) - x0)^2 -> (B,),
     sigma the SHIFTED s t_n, weight 1/(t_n - t_{n-1}) of the unshifted grid (diffusion_noise)."""
@@ -209,6 +250,18 @@ def ct_time_pair(batch_size, stage, generator=None, p_mean=-0.4, p_std=1.6):
     t = torch.exp(p_mean + p_std * torch.randn(batch_size, generator=generator, dtype=torch.float64))
     t = t.clamp(min=SIGMA_MIN)
     return t.float(), ct_r_from_t(t, stage).float()
+
+
+def consistency_draws(generator, x, y, mine, batch_size, null_label, stage, p_mean=-0.4, p_std=1.6,
+                      label_dropout=0.0):
+    """The random variables of eq. 5 for this rank's images x (B, 3, H, W) and labels y, the slice `mine` of a global
+    batch of batch_size -> device tensors (t~, r~ (B,) shifted, eps, y with label dropout to the null class): ECT's
+    time pair ct_time_pair at `stage`, eps, label dropout w.p. label_dropout, each from its own stream."""
+    t, r = ct_time_pair(batch_size, stage, generator("cpu", STREAM_LEVEL), p_mean, p_std)
+    shift = resolution_shift(x.shape[-1])
+    t, r = (v.to(x.device, non_blocking=True) for v in (shift * t[mine], shift * r[mine]))  # Table 9: shifted
+    return (t, r, step_eps(generator, x, mine, batch_size),
+            drop_labels(generator, y, mine, batch_size, label_dropout, null_label))
 
 
 def ct_weight(t_shifted, r_shifted):

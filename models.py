@@ -25,7 +25,8 @@ import torch.nn.functional as F
 # ---- Configurations (Tables 7 and 8): encoder and decoder have the same depth; "T" is a tiny model for CPU ----
 # The patch size is image_size // tokens_per_side: 16 at 256^2, 32 at 512^2 (the paper keeps 256 image tokens).
 # pos_embed_init: trunc-normal(0.02) (official code), or MAE's 2-D sin-cos ("sincos", T only: from a near-zero start a
-# few thousand CPU steps barely learn where a token is, and samples are mosaics of 4x4 patches; README, tiny preset).
+# few thousand CPU steps barely learn where a token is, and samples are mosaics of 4x4 patches; BENCHMARKS.md, "The
+# tiny presets").
 MODEL_CONFIGS = {
     "T":   dict(depth=4, enc_dim=128, enc_heads=4, dec_dim=128, dec_heads=4, tokens_per_side=8,
                 proj_hidden=512, proj_dim=128, pos_embed_init="sincos"),

@@ -69,6 +69,12 @@ CONFIG = dict(
 CHOICES = dict(model=tuple(models.MODEL_CONFIGS), lr_schedule=("cosine", "constant"),
                tau_schedule=("annealed", "interpolated", "constant"), curriculum=("ict", "official"),
                normalize=data.NORMALIZATIONS)
+POSITIVE = ("image_size", "batch_size", "steps", "lr", "ctr_tau", "tau1", "tau2", "scales_start", "scales_end",
+            "ckpt_every", "log_every", "probe_bank", "probe_queries")
+NON_NEGATIVE = ("warmup", "weight_decay", "grad_clip", "proj_dim", "keep_every", "probe_every")
+FRACTION = ("momentum",)       # in [0, 1)
+# the keys a resumed run may change (paths, cadences); every other key must match the checkpoint's
+MAY_CHANGE = ("out", "steps", "ckpt_every", "keep_every", "log_every", "probe_every", "probe_bank", "probe_queries")
 BASE_BATCH = 1024              # the batch size at which lr is given
 PRESETS = {
     # a 2-core CPU: minutes instead of months, while the probe accuracy clearly rises (BENCHMARKS.md)
@@ -129,7 +135,8 @@ def sync_batchnorm(module, env):
 
 
 def parse_args(argv=None):
-    return trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+    return trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES, positive=POSITIVE, non_negative=NON_NEGATIVE,
+                          fraction=FRACTION)
 
 
 def main(argv=None):
@@ -147,12 +154,12 @@ def main(argv=None):
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "pretrain", "proj_dim": args.proj_dim or models.model_config(args.model)["proj_dim"],
               "patch_size": patch_size, "lr_scaled": lr, "num_classes": dataset.num_classes,
-              "data_id": data.identity(dataset), "resolution_shift": shift,
+              "data_id": data.identity(dataset), "resolution_shift": shift, "code": trainlib.code_fingerprint(__file__),
               "train_flops": args.batch_size * models.train_flops_per_image("pretrain", args.model, args.image_size)}
     rundir.prepare_output(args.out, env.main)
     resume = rundir.resume_state(args, "pretrain", log)
     if resume is not None:
-        rundir.check_resume(resume["config"], config, trainlib.MAY_CHANGE, steps_fixed=True)       # cosine, curriculum, tau annealing
+        trainlib.check_resume(resume["config"], config, MAY_CHANGE, steps_fixed=True)  # cosine, curriculum, tau(k)
 
     # ---- model, momentum copy, optimiser ----
     torch.manual_seed(args.seed)
@@ -173,7 +180,8 @@ def main(argv=None):
     if env.main:
         rundir.write_json(os.path.join(args.out, "config.json"), config)
     log(f"RCM-{args.model}/{patch_size} at {args.image_size}px, {models.count_params(rcm) / 1e6:.2f}M parameters "
-        f"(encoder + projector); batch {args.batch_size} = {env.world} x {accum} x {micro}, {args.steps} steps, "
+        f"(encoder + projector); {data.describe(dataset)}; batch {args.batch_size} = {env.world} x {accum} x {micro}, "
+        f"{args.steps} steps, "
         f"lr {lr:.4g} (= {args.lr:g} x {args.batch_size}/{BASE_BATCH}, {args.lr_schedule}, warm-up {args.warmup}), "
         f"shift s = {shift:g}, {device}")
 
@@ -210,14 +218,12 @@ def main(argv=None):
         lr_now = trainlib.set_lr(optimizer, trainlib.learning_rate(step, args, lr))
         batch = trainlib.to_device(next(batches), device)
         x, view1, view2 = batch["clean"], batch["view1"], batch["view2"]
-        # t_n > t_{n-1} (unshifted, grid of N(k) points) and eps for the GLOBAL batch; this rank takes its slice
+        # t_n > t_{n-1} (unshifted, grid of N(k) points) and eps, drawn over the GLOBAL batch
         num_scales = losses.ict_num_scales(step, args.steps, args.scales_start, args.scales_end, args.curriculum)
-        sigma_n, sigma_next = losses.rc_noise_pair(args.batch_size, num_scales, trainlib.step_generator(
-            args.seed, step, "cpu", 0), shared=args.shared_noise_index, device=device)
-        eps = torch.randn((args.batch_size, 3, args.image_size, args.image_size), device=device,
-                          generator=trainlib.step_generator(args.seed, step, device, 1))[mine]
-        tau_rc = losses.rc_tau(sigma_n[mine], step, args.steps, args.tau1, args.tau2, args.tau_schedule)
-        sigma_n, sigma_next = shift * sigma_n[mine], shift * sigma_next[mine]    # Table 9: shifted levels
+        t_n, t_next, eps = losses.rcm_draws(trainlib.step_generators(args.seed, step), x, mine, args.batch_size,
+                                            num_scales, args.shared_noise_index)
+        tau_rc = losses.rc_tau(t_n, step, args.steps, args.tau1, args.tau2, args.tau_schedule)
+        sigma_n, sigma_next = shift * t_n, shift * t_next                          # Table 9: shifted levels
 
         with trainlib.autocast(device):                                       # the stop-gradient keys, whole batch
             keys = losses.rcm_keys(momentum_fn, target_fn, x, view1, view2, eps, sigma_next, sigma_views)

@@ -260,4 +260,4 @@ def main():
 
 
 if __name__ == "__main__":
-    rundir.cli_main(main, data.DataError)
+    rundir.cli_main(main)

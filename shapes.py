@@ -15,7 +15,6 @@ from torchvision.utils import save_image
 
 import rundir
 
-DataError = rundir.UserError
 _TAG_SHAPES = 11
 SPLITS = {"train": 0, "val": 1}
 
@@ -58,9 +57,9 @@ class EmbeddedShapes(torch.utils.data.Dataset):
 
     def __init__(self, split="train", image_size=32, seed=0, length=None):
         if split not in SPLITS:
-            raise DataError(f"unknown split {split!r}; choose 'train' or 'val'")
+            raise rundir.UserError(f"unknown split {split!r}; choose 'train' or 'val'")
         if int(image_size) < 8:
-            raise DataError(f"image size {image_size} is too small for the embedded data set; use 8 or more")
+            raise rundir.UserError(f"image size {image_size} is too small for the embedded data set; use 8 or more")
         self.split, self.image_size, self.seed = split, int(image_size), int(seed)
         self.length = int(length) if length is not None else (50_000 if split == "train" else 1_000)
         self.supersample = 4 if self.image_size <= 64 else 2
@@ -170,7 +169,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="data set seed")
     args = parser.parse_args(argv)
     if args.image_size < 8 or args.per_class <= 0:
-        raise DataError("--image-size must be >= 8 and --per-class positive")
+        raise rundir.UserError("--image-size must be >= 8 and --per-class positive")
     preview(args.out, args.image_size, args.per_class, args.split, args.seed)
     print(f"wrote {args.out}")
 

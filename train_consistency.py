@@ -52,7 +52,8 @@ CONFIG = dict(
     aux_tau=0.1,               # temperature of eq. 9: not stated in the paper; the official code's 0.1
     aux_features="encoder",    # §3.3: W = the pre-trained encoder's LN'd CLS feature, the prediction at t~; official:
                                # projector outputs, both inputs at sigma~_min
-    init=None,                 # RCM checkpoint of pretrain.py: encoder init and auxiliary network W of eq. 9
+    init=None,                 # RCM checkpoint of pretrain.py: encoder init and auxiliary network W of eq. 9 (none:
+                               # --from-scratch must be given)
     from_scratch=False,        # random encoder, no pre-training (Table 12a; without --aux-ckpt also no W: "Scratch")
     aux_ckpt=None,             # RCM checkpoint for W of eq. 9 (none: --init; with --from-scratch: Table 12a "w/o RCM")
     init_diffusion=None,       # start f_theta from a train_diffusion.py checkpoint's EMA (ECT's start, not the paper's)
@@ -72,6 +73,13 @@ CONFIG = dict(
 )
 CHOICES = dict(model=tuple(models.MODEL_CONFIGS), lr_schedule=("step", "constant", "cosine"),
                aux_features=("encoder", "projector"), normalize=data.NORMALIZATIONS)
+POSITIVE = ("image_size", "batch_size", "steps", "lr", "p_std", "huber_c", "aux_tau", "stage_interval", "ckpt_every",
+            "log_every")
+NON_NEGATIVE = ("warmup", "weight_decay", "grad_clip", "keep_every", "sample_every", "eval_every", "eval_samples")
+FRACTION = ("ema", "dropout", "label_dropout")              # in [0, 1)
+# the keys a resumed run may change (paths, cadences, evaluation); every other key must match the checkpoint's
+MAY_CHANGE = ("out", "steps", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every", "log_every",
+              "sample_every", "eval_every", "eval_samples", "eval_ref", "inception")
 PRESETS = {
     # a 2-core CPU: minutes instead of 156 H200-hours. A constant lr without dropout, and t's proposal centred
     # higher, as for the tiny diffusion model (the shift s = 0.5 halves every level; BENCHMARKS.md, "The tiny
@@ -84,9 +92,8 @@ PRESETS = {
 
 
 def aux_network(args, rcm, log):
-    """The frozen copy W of the pre-trained RCM (eq. 9): eval mode, no gradient, outside the optimiser and DDP."""
-    if args.aux_ckpt:
-        rcm = rundir.load_checkpoint(args.aux_ckpt, "pretrain")
+    """The frozen copy W of the pre-trained RCM `rcm` (eq. 9; that of --aux-ckpt, else --init): eval mode, no
+    gradient, outside the optimiser and DDP."""
     if args.aux_weight == 0 or rcm is None:
         if args.aux_weight:
             log("note: --from-scratch without --aux-ckpt: no pre-trained W exists, so the auxiliary loss is off")
@@ -102,7 +109,8 @@ def aux_network(args, rcm, log):
 
 
 def parse_args(argv=None):
-    args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+    args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES, positive=POSITIVE, non_negative=NON_NEGATIVE,
+                          fraction=FRACTION)
     if len(args.lr_milestones) != len(args.lr_factors):
         raise rundir.UserError(f"--lr-milestones has {len(args.lr_milestones)} values but --lr-factors "
                                  f"{len(args.lr_factors)}; give one factor per milestone")
@@ -125,7 +133,11 @@ def main(argv=None):
     rundir.prepare_output(args.out, env.main)
     resume = rundir.resume_state(args, "consistency", log)
     rcm = rundir.load_init(args)                                                # also on resume: W of eq. 9
-    rundir.inherit(args, "normalize", (resume or rcm or {"config": {}})["config"], "--init or the resumed run")
+    aux = rundir.load_checkpoint(args.aux_ckpt, "pretrain") if args.aux_ckpt else None
+    for source, name in ((resume, "the resumed run"), (rcm, f"--init {args.init}"),
+                         (aux, f"--aux-ckpt {args.aux_ckpt}")):            # W sees inputs normalised as in training
+        if source is not None:
+            rundir.inherit(args, "normalize", source["config"], name)
     args.normalize = args.normalize or "simple"
 
     # ---- model: f_theta (the RCM's encoder, a fresh decoder), its EMA, the frozen W of eq. 9; optimiser ----
@@ -146,23 +158,23 @@ def main(argv=None):
             raise rundir.UserError(f"--init-diffusion {args.init_diffusion} does not fit EPG-{args.model} at "
                                      f"{args.image_size}px ({str(e).splitlines()[0]})") from None
         log(f"f_theta starts from the diffusion EMA of {args.init_diffusion} (step {dm['step']})")
-    W = aux_network(args, rcm, log)
+    W = aux_network(args, aux or rcm, log)
     init_flops = rcm["config"].get("train_flops", 0) * rcm["step"] if rcm else 0   # what the RCM cost (curves.py)
     init_flops = resume["config"].get("init_flops", init_flops) if resume else init_flops
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "consistency", "num_classes": num_classes, "patch_size": patch_size,
               "sigma_min_shifted": sigma_min, "aux_active": W is not None, "data_id": data.identity(dataset),
-              "train_flops": args.batch_size * models.train_flops_per_image("consistency", args.model, args.image_size),
+              "class_counts": data.class_counts(dataset), "code": trainlib.code_fingerprint(__file__),
               "init_flops": init_flops,
-              "class_counts": data.class_counts(dataset)}
+              "train_flops": args.batch_size * models.train_flops_per_image("consistency", args.model, args.image_size)}
     if resume is not None:
-        rundir.check_resume(resume["config"], config, trainlib.MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")
+        trainlib.check_resume(resume["config"], config, MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")
     model.to(device)
     W = W.to(device) if W is not None else None
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = trainlib.adamw(model, args.lr, args.betas, args.weight_decay, ("pos_embed", "cls_token"), device)
     start = rundir.restore(resume, log, model=model, ema=ema, optimizer=optimizer)
-    del resume, rcm
+    del resume, rcm, aux
     evaluator = evaluate.Evaluator(args, env, "consistency", num_classes, log, start)   # its inputs checked now
     target = trainlib.compiled(model, args, device)      # the stop-gradient pass: same kernels, same dropout masks
     net = trainlib.ddp(target, env)
@@ -173,7 +185,7 @@ def main(argv=None):
     if env.main:
         rundir.write_json(os.path.join(args.out, "config.json"), config)
     log(f"EPG-{args.model}/{patch_size} at {args.image_size}px, {models.count_params(model) / 1e6:.2f}M parameters, "
-        f"{num_classes} classes; batch {args.batch_size} = {env.world} x {accum} x {micro}, {args.steps} steps, "
+        f"{data.describe(dataset)}; batch {args.batch_size} = {env.world} x {accum} x {micro}, {args.steps} steps, "
         f"lr {args.lr} ({args.lr_schedule}, warm-up {args.warmup}), EMA {args.ema}, shift s = {shift:g}, {device}; "
         f"dropout {args.dropout}; auxiliary loss "
         + (f"weight {args.aux_weight}, tau {args.aux_tau}, {args.aux_features}" if W is not None else "off"))
@@ -197,15 +209,11 @@ def main(argv=None):
         lr_now = trainlib.set_lr(optimizer, trainlib.learning_rate(step, args, args.lr))
         batch = trainlib.to_device(next(batches), device)
         x, y = batch["image"], batch["label"]
-        # ECT's (t, r) (unshifted), eps and label dropout for the GLOBAL batch; this rank takes its slice
+        # ECT's (s t, s r) of this stage, eps and label dropout (null class), drawn over the GLOBAL batch (Table 9)
         stage = losses.ect_stage(step, args.stage_interval)
-        t, r = losses.ct_time_pair(args.batch_size, stage, trainlib.step_generator(args.seed, step, "cpu", 0),
-                                   args.p_mean, args.p_std)
-        eps = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device,
-                          generator=trainlib.step_generator(args.seed, step, device, 1))[mine]
-        drop = torch.rand(args.batch_size, generator=trainlib.step_generator(args.seed, step, "cpu", 2))[mine]
-        t, r, drop = (v.to(device, non_blocking=True) for v in (shift * t[mine], shift * r[mine], drop))   # shifted
-        y = torch.where(drop < args.label_dropout, torch.full_like(y, num_classes), y)
+        t, r, eps, y = losses.consistency_draws(trainlib.step_generators(args.seed, step), x, y, mine,
+                                                args.batch_size, num_classes, stage, args.p_mean, args.p_std,
+                                                args.label_dropout)
 
         with trainlib.autocast(device):                                           # sg W(x): keys of the whole batch
             keys = losses.aux_keys(W_fn, x, sigma_min) if W is not None else None

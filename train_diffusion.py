@@ -43,7 +43,8 @@ CONFIG = dict(
     ema=0.9999,                # Table 11, every step from step 0 (official)
     label_dropout=0.1,         # not stated in the paper; the official code's rate (null class = num_classes)
     p_mean=-1.2, p_std=1.6,    # Table 9: lognormal(-1.2, 1.6) noise proposal, snapped to the N = 1280 grid
-    init=None,                 # RCM checkpoint of pretrain.py whose encoder initialises EPG
+    init=None,                 # RCM checkpoint of pretrain.py whose encoder initialises EPG (none: --from-scratch
+                               # must be given)
     from_scratch=False,        # random encoder instead of --init (Table 6 and 13 "scratch")
     freeze_encoder=False,      # Table 13 "Frozen": the encoder is not updated, only the decoder (and class embedding)
     lrd=1.0,                   # Table 13 "Lrd=0.5": layer-wise lr decay of the encoder (1: off; see layer_decay)
@@ -67,6 +68,12 @@ CONFIG = dict(
     inception=None,            # Inception weights (none: $EPG_INCEPTION or the torch hub cache; never downloaded)
 )
 CHOICES = dict(model=tuple(models.MODEL_CONFIGS), lr_schedule=("constant", "cosine"), normalize=data.NORMALIZATIONS)
+POSITIVE = ("image_size", "batch_size", "steps", "lr", "p_std", "ckpt_every", "log_every", "sample_steps")
+NON_NEGATIVE = ("warmup", "weight_decay", "grad_clip", "keep_every", "sample_every", "eval_every", "eval_samples")
+FRACTION = ("ema", "label_dropout")                         # in [0, 1); --lrd in (0, 1]: parse_args
+# the keys a resumed run may change (paths, cadences, evaluation); every other key must match the checkpoint's
+MAY_CHANGE = ("out", "steps", "init", "ckpt_every", "keep_every", "log_every", "sample_every", "sample_steps",
+              "eval_every", "eval_samples", "eval_cfg", "eval_cfg_interval", "eval_ref", "inception")
 PRESETS = {
     # a 2-core CPU: a short, larger-lr run with a faster EMA and small batches (batch 8 learns more per image than
     # 32 or 16 at this size). At 32^2 the shift s = 0.5 halves every level, and with Table 9's proposal a tiny run
@@ -94,7 +101,11 @@ def layer_decay(name, depth, decay):
 
 
 def parse_args(argv=None):
-    args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+    args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES, positive=POSITIVE, non_negative=NON_NEGATIVE,
+                          fraction=FRACTION)
+    if not 0 < args.lrd <= 1:
+        raise rundir.UserError(f"--lrd must be in (0, 1] (1: no decay, Table 13: 0.5), got {args.lrd}; "
+                               f"--freeze-encoder keeps the encoder fixed")
     if len(args.eval_cfg_interval) not in (0, 2) or args.eval_cfg_interval[:1] >= args.eval_cfg_interval[1:] != []:
         raise rundir.UserError(f"--eval-cfg-interval takes LO HI with LO < HI, got {args.eval_cfg_interval}")
     return args
@@ -120,11 +131,11 @@ def main(argv=None):
     init_flops = resume["config"].get("init_flops", init_flops) if resume else init_flops
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "diffusion", "num_classes": num_classes, "patch_size": patch_size, "shift": shift,
-              "data_id": data.identity(dataset),
-              "train_flops": args.batch_size * models.train_flops_per_image("diffusion", args.model, args.image_size),
-              "init_flops": init_flops, "class_counts": data.class_counts(dataset)}
+              "data_id": data.identity(dataset), "class_counts": data.class_counts(dataset),
+              "code": trainlib.code_fingerprint(__file__), "init_flops": init_flops,
+              "train_flops": args.batch_size * models.train_flops_per_image("diffusion", args.model, args.image_size)}
     if resume is not None:
-        rundir.check_resume(resume["config"], config, trainlib.MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")
+        trainlib.check_resume(resume["config"], config, MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")
 
     # ---- model: the RCM's encoder (projector dropped, §3.3) and a fresh decoder; EMA; optimiser ----
     torch.manual_seed(args.seed)
@@ -146,7 +157,7 @@ def main(argv=None):
     if env.main:
         rundir.write_json(os.path.join(args.out, "config.json"), config)
     log(f"EPG-{args.model}/{patch_size} at {args.image_size}px, {models.count_params(model) / 1e6:.2f}M parameters, "
-        f"{num_classes} classes; batch {args.batch_size} = {env.world} x {accum} x {micro}, {args.steps} steps, "
+        f"{data.describe(dataset)}; batch {args.batch_size} = {env.world} x {accum} x {micro}, {args.steps} steps, "
         f"lr {args.lr} ({args.lr_schedule}, warm-up {args.warmup}), EMA {args.ema}, shift s = {shift:g}, {device}"
         + (", encoder frozen" if args.freeze_encoder else f", encoder lr decay {args.lrd}" if args.lrd != 1 else ""))
 
@@ -168,14 +179,10 @@ def main(argv=None):
         lr_now = trainlib.set_lr(optimizer, trainlib.learning_rate(step, args, args.lr))
         batch = trainlib.to_device(next(batches), device)
         x, y = batch["image"], batch["label"]
-        # t_n, its weight, label dropout and eps for the GLOBAL batch (Table 9); this rank takes its slice
-        g = trainlib.step_generator(args.seed, step, "cpu", 0)
-        sigma, weight = losses.diffusion_noise(args.batch_size, g, args.p_mean, args.p_std)
-        drop = torch.rand(args.batch_size, generator=g) < args.label_dropout
-        eps = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device,
-                          generator=trainlib.step_generator(args.seed, step, device, 1))[mine]
-        sigma, weight, drop = (v.to(device, non_blocking=True) for v in (shift * sigma[mine], weight[mine], drop[mine]))
-        y = torch.where(drop, torch.full_like(y, num_classes), y)                    # null class for CFG
+        # s t_n, its weight, eps and label dropout (null class for CFG), drawn over the GLOBAL batch (Table 9)
+        sigma, weight, eps, y = losses.diffusion_draws(trainlib.step_generators(args.seed, step), x, y, mine,
+                                                       args.batch_size, num_classes, args.p_mean, args.p_std,
+                                                       args.label_dropout)
 
         terms = torch.zeros(1, device=device)
         for part, sync in trainlib.micro_batches(net, local_batch, micro):

@@ -5,12 +5,15 @@ function of (seed, k), and the checkpoint holds model, EMA/momentum, optimiser s
 safety (errors, lock, checkpoints, signals) is rundir.py's."""
 import argparse
 import contextlib
+import functools
+import hashlib
 import json
 import math
 import os
-import re
+import subprocess
 import sys
 import time
+import tokenize
 
 import numpy as np
 import torch
@@ -22,8 +25,9 @@ import rundir
 
 # ---- Command line: every CONFIG key is a flag, its CONFIG comment the help; PRESETS[--model] the one override ----
 RUN = dict(                    # flags of every training script that do not change what is learnt
-    data=None,                 # ImageFolder/ImageNet-layout directory (one subfolder per class); none: the embedded
-                               # data set
+    data=None,                 # ImageFolder/ImageNet-layout directory (one subfolder per class; tools/prepare.py);
+                               # shapes: the embedded toy data set (a folder of that name: ./shapes); none: shapes at
+                               # --model T, an error at other sizes
     seed=0,                    # seed of every random stream (data order, noise, init)
     micro_batch=None,          # per-process batch of one forward/backward (gradient accumulation); none: no
                                # accumulation
@@ -34,32 +38,30 @@ RUN = dict(                    # flags of every training script that do not chan
     skip_nonfinite=False,      # skip optimiser steps whose loss or gradient is NaN/inf instead of stopping (a host
                                # sync per step)
 )
+EMBEDDED = "shapes"            # --data shapes: the embedded data set of shapes.py, at any size
 RUN_TYPES = dict(micro_batch=int, num_workers=int, compile=bool)
-# keys that may change when a run is resumed (paths, cadences, machine); every other CONFIG key must match
-MAY_CHANGE = {*RUN.keys() - {"seed"}, "out", "steps", "init", "init_diffusion", "aux_ckpt", "ckpt_every", "keep_every",
-              "log_every", "probe_every", "probe_bank", "probe_queries", "sample_every", "sample_steps", "eval_samples",
-              "eval_every", "eval_cfg", "eval_cfg_interval", "eval_ref", "inception", "train_flops", "init_flops"}
-POSITIVE = ("image_size", "batch_size", "steps", "lr", "ckpt_every", "log_every", "micro_batch", "sample_steps",
-            "probe_bank", "probe_queries", "p_std", "huber_c", "aux_tau", "ctr_tau", "tau1", "tau2", "stage_interval")
-NON_NEGATIVE = ("seed", "keep_every", "num_workers", "warmup", "probe_every", "sample_every", "eval_samples",
-                "grad_clip", "weight_decay", "proj_dim", "lrd")
-FRACTION = ("ema", "momentum", "label_dropout", "dropout")        # in [0, 1)
+RUN_POSITIVE, RUN_NON_NEGATIVE = ("micro_batch",), ("seed", "num_workers")   # each script declares its CONFIG's ranges
+CODE = ("models.py", "losses.py", "data.py", "trainlib.py", "rundir.py")      # hashed with the stage's script
 
 
 def config_comments(path, name="CONFIG"):
-    """{key: comment} of a file's `NAME = dict(...)` block (keys on a line share it; comment-only lines continue it)."""
-    comments, keys, inside = {}, [], False
-    with open(path) as f:
-        for line in f:
-            code, _, comment = line.partition("#")
-            if not inside:
-                inside = code.strip() == f"{name} = dict("
-                continue
-            if code.strip() == ")":
+    """{key: comment} of a file's `NAME = dict(...)` block, read with tokenize: the comment on a key's line and on the
+    comment-only lines after it (keys on one line share it)."""
+    with open(path, "rb") as f:
+        tokens = [t for t in tokenize.tokenize(f.readline) if t.type not in (tokenize.NL, tokenize.NEWLINE)]
+    start = next(i for i in range(len(tokens)) if [t.string for t in tokens[i:i + 4]] == [name, "=", "dict", "("]) + 4
+    comments, keys, key_line, depth = {}, [], None, 1
+    for token, after in zip(tokens[start:], tokens[start + 1:]):
+        if token.type == tokenize.OP and token.string in ("(", "[", "{", ")", "]", "}"):
+            depth += 1 if token.string in ("(", "[", "{") else -1
+            if depth == 0:
                 break
-            keys = re.findall(r"(\w+)=(?!=)", code) or keys
-            for key in keys if comment.strip() else ():
-                comments[key] = f"{comments.get(key, '')} {comment.strip()}".strip()
+        elif depth == 1 and token.type == tokenize.NAME and after.string == "=":           # a keyword: a key
+            keys = keys + [token.string] if token.start[0] == key_line else [token.string]
+            key_line = token.start[0]
+        elif token.type == tokenize.COMMENT:
+            for key in keys:
+                comments[key] = f"{comments.get(key, '')} {token.string.lstrip('#').strip()}".strip()
     return comments
 
 
@@ -76,9 +78,10 @@ def _add_flags(p, config, comments, types=None, choices=None):
                        choices=(choices or {}).get(key), **extra)
 
 
-def parse(path, config, presets, argv=None, choices=None, types=None):
+def parse(path, config, presets, argv=None, choices=None, types=None, positive=(), non_negative=(), fraction=()):
     """argparse over the script's CONFIG and RUN, with presets[--model] as defaults (an explicit flag wins, and
-    `--model T --help` shows the values a tiny run will use); ranges are checked here."""
+    `--model T --help` shows the values a tiny run will use); the script's ranges (positive, non_negative, fraction:
+    in [0, 1)) and RUN's are checked here."""
     doc = sys.modules.get("__main__").__doc__ if os.path.abspath(sys.argv[0]) == os.path.abspath(path) else None
     p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -89,15 +92,49 @@ def parse(path, config, presets, argv=None, choices=None, types=None):
     p.set_defaults(**presets.get(pre.parse_known_args(argv)[0].model, {}))
     args = p.parse_args(argv)
     bad = [f"--{k.replace('_', '-')} must be {rule}, got {getattr(args, k)}" for keys, rule, ok in (
-        (POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
-        (FRACTION, "in [0, 1)", lambda v: 0 <= v < 1)) for k in keys if getattr(args, k, None) is not None
+        ((*positive, *RUN_POSITIVE), "positive", lambda v: v > 0),
+        ((*non_negative, *RUN_NON_NEGATIVE), ">= 0", lambda v: v >= 0),
+        (fraction, "in [0, 1)", lambda v: 0 <= v < 1)) for k in keys if getattr(args, k, None) is not None
         and not ok(getattr(args, k))]
     if bad:
         raise rundir.UserError("; ".join(bad))
     if len(getattr(args, "betas", (0, 0))) != 2:
         raise rundir.UserError(f"--betas takes two values (beta1 beta2), got {args.betas}")
+    if args.data is None and args.model != "T":
+        raise rundir.UserError(f"--model {args.model} trains on ImageNet: pass --data DIR, a folder of class "
+                               f"sub-folders prepared once with `python tools/prepare.py SRC DIR --image-size "
+                               f"{args.image_size}` (or --data {EMBEDDED} for the embedded toy data set at this size)")
+    args.data = None if args.data == EMBEDDED else args.data             # None: the embedded data set from here on
     return args
 
+
+
+# ---- Resume: the code and the settings of the run being continued ----
+def code_fingerprint(script):
+    """sha256 over the stage's script and CODE, and git HEAD where the code sits in a git checkout (else None)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for path in (os.path.abspath(script), *(os.path.join(root, name) for name in CODE)):
+        with open(path, "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        commit = head.stdout.strip() if head.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"sha256": digest.hexdigest(), "git": commit}
+
+
+def check_resume(saved, current, may_change, steps_fixed=False):
+    """rundir.check_resume with the script's `may_change` keys plus RUN's (but --seed) and the code fingerprint:
+    code changed since the checkpoint gets one note and the run goes on (scripts are edited on purpose)."""
+    rundir.check_resume(saved, current, {*may_change, *RUN.keys() - {"seed"}, "code", "train_flops", "init_flops"},
+                        steps_fixed)
+    before, now = saved.get("code") or {}, current.get("code") or {}
+    if before.get("sha256") != now.get("sha256") and rank_world()[0] == 0:
+        print(f"note: the code differs from that of the checkpoint (sha256 {str(before.get('sha256'))[:12]}, git "
+              f"{str(before.get('git'))[:12]} -> {str(now.get('sha256'))[:12]}, git {str(now.get('git'))[:12]}); "
+              f"resuming with the code as it is now", file=sys.stderr)
 
 
 # ---- Distributed, precision, compilation ----
@@ -207,8 +244,13 @@ def seed_step(seed, step, rank):
 
 def step_generator(seed, step, device, stream=0):
     """A generator shared by all ranks for draws over the GLOBAL batch (each rank slices its part), so that the run
-    does not depend on the number of processes; `stream` separates the uses within a step."""
+    does not depend on the number of processes; `stream` separates the uses within a step (losses.STREAM_*)."""
     return torch.Generator(device=device).manual_seed(mix_seed(seed, step, stream, 2))
+
+
+def step_generators(seed, step):
+    """generator(device, stream) of step `step`: what the draws of losses.py take."""
+    return functools.partial(step_generator, seed, step)
 
 
 
@@ -216,7 +258,8 @@ def step_generator(seed, step, device, stream=0):
 @torch.no_grad()
 def ema_update(ema_model, model, decay):
     """theta_ema <- decay * theta_ema + (1 - decay) * theta over parameters (buffers are copied)."""
-    torch._foreach_lerp_(list(ema_model.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for p_ema, p in zip(ema_model.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - decay)
     for b_ema, b in zip(ema_model.buffers(), model.buffers()):
         b_ema.copy_(b)
 
@@ -275,8 +318,7 @@ class Stepper:
         if clip > 0:
             self.norm = torch.nn.utils.clip_grad_norm_(params, clip)
         else:                                      # the same global L2 norm, a device tensor (no host sync)
-            grads = [p.grad for p in params if p.grad is not None]
-            self.norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+            self.norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         applied = not self.skip or (torch.isfinite(all_reduce_mean(loss.detach().clone())).all()
                                     & torch.isfinite(self.norm)).item()
         if not applied:

@@ -220,12 +220,12 @@ def test_aux_loss_is_off_without_pretrained_network():
 
 
 def test_step_lr_schedule():
-    args = tc.parse_args(["--model", "L"])                                          # Table 11's defaults
+    args = tc.parse_args(["--model", "L", "--data", "/data/in256"])                      # Table 11's defaults
     lr = lambda s: trainlib.learning_rate(s, args, 1e-4)                           # noqa: E731
     assert lr(0) == 1e-4 and lr(399_999) == 1e-4
     assert math.isclose(lr(400_000), 3e-5) and math.isclose(lr(499_999), 3e-5)
     assert math.isclose(lr(500_000), 8e-6) and math.isclose(lr(700_000), 8e-6)
-    warm = tc.parse_args(["--warmup", "10000", "--lr-milestones", "--lr-factors"])
+    warm = tc.parse_args(["--data", "/data/in256", "--warmup", "10000", "--lr-milestones", "--lr-factors"])
     assert math.isclose(trainlib.learning_rate(2_500, warm, 1e-4), 2.5e-5)
 
 
@@ -331,14 +331,15 @@ def test_micro_batches_give_the_loss_and_gradients_of_the_whole_batch(tmp_path, 
 
 
 def test_paper_model_defaults_are_tables_9_and_11_and_flags_override_the_noise_proposal():
-    args = tc.parse_args(["--model", "L"])
+    args = tc.parse_args(["--model", "L", "--data", "/data/in256"])
     assert (args.batch_size, args.steps, args.lr, args.ema, args.dropout) == (1024, 700_000, 1e-4, 0.9999, 0.5)
     assert tuple(args.betas) == (0.9, 0.99) and tuple(args.lr_milestones) == (400_000, 500_000)   # Table 11
     assert (args.p_mean, args.p_std, args.image_size) == (-0.4, 1.6, 256)                          # Table 9
     tiny = tc.parse_args(["--model", "T", "--p-mean", "2.0", "--p-std", "1.0"])
     assert (tiny.p_mean, tiny.p_std) == (2.0, 1.0)
     assert tiny.lr_milestones == [] and tiny.stage_interval == 100_000
-    assert tc.parse_args(["--steps", "7000", "--lr-milestones", "0.5", "--lr-factors", "0.3"]).lr_milestones == [3500]
+    assert tc.parse_args(["--model", "T", "--steps", "7000", "--lr-milestones", "0.5", "--lr-factors",
+                          "0.3"]).lr_milestones == [3500]
 
 
 def test_init_diffusion_starts_f_theta_from_the_diffusion_ema(tmp_path, rcm_ckpt):
@@ -355,3 +356,19 @@ def test_init_diffusion_starts_f_theta_from_the_diffusion_ema(tmp_path, rcm_ckpt
     tc.main(args + ["--init-diffusion", dm])
     model = rundir.load_checkpoint(str(tmp_path / "cm" / "ckpt_last.pt"), "consistency")["model"]
     assert model.keys() == ema.keys() and all(torch.equal(model[k], ema[k]) for k in ema)
+
+
+def test_aux_ckpt_passes_on_its_normalisation_and_a_mismatch_is_refused(tmp_path, rcm_ckpt):
+    """Table 12a "w/o RCM" (--from-scratch --aux-ckpt): W sees the inputs of its own training, so the run takes the
+    auxiliary RCM's normalisation (without --init nothing else names one), and an explicit other one is refused."""
+    state = rundir.load_checkpoint(rcm_ckpt)
+    imagenet_rcm = str(tmp_path / "rcm_imagenet.pt")
+    rundir.save_checkpoint(imagenet_rcm, {**state, "config": {**state["config"], "normalize": "imagenet"}})
+    args = tiny_args(tmp_path / "cm", rcm_ckpt, 1)
+    args[args.index("--init"):args.index("--init") + 2] = ["--from-scratch", "--aux-ckpt", imagenet_rcm]
+    tc.main(args)
+    assert json.load(open(tmp_path / "cm" / "config.json"))["normalize"] == "imagenet"
+    assert rundir.load_checkpoint(str(tmp_path / "cm" / "ckpt_last.pt"))["config"]["aux_active"]
+    args[args.index("--out") + 1] = str(tmp_path / "cm_simple")
+    with pytest.raises(rundir.UserError, match="--normalize simple differs from the imagenet of --aux-ckpt"):
+        tc.main(args + ["--normalize", "simple"])

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import rundir  # noqa: E402
 import shapes  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def test_normalize_closed_forms():
     np.testing.assert_allclose(data.normalize(mean_image, "imagenet").numpy(), 0.0, atol=1e-12)
     np.testing.assert_allclose(data.normalize(mean_image + torch.tensor(2 * STD).view(3, 1, 1), "imagenet").numpy(),
                                1.0, atol=1e-12)
-    with pytest.raises(data.DataError, match="simple"):
+    with pytest.raises(rundir.UserError, match="simple"):
         data.normalize(x, "nope")
 
 
@@ -155,18 +156,18 @@ def test_batch_stream_counts_corrupt_files(tmp_path):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(data.DataError, match="does not exist"):
+    with pytest.raises(rundir.UserError, match="does not exist"):
         data.ImageFolder(tmp_path / "missing", 16)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.DataError, match="no class sub-folders"):
+    with pytest.raises(rundir.UserError, match="no class sub-folders"):
         data.ImageFolder(tmp_path / "empty", 16)
     (tmp_path / "no_images" / "cls").mkdir(parents=True)
     (tmp_path / "no_images" / "cls" / "readme.txt").write_text("x")
-    with pytest.raises(data.DataError, match="no images"):
+    with pytest.raises(rundir.UserError, match="no images"):
         data.ImageFolder(tmp_path / "no_images", 16)
     (tmp_path / "big" / "cls").mkdir(parents=True)
     Image.new("RGB", (40, 30)).save(tmp_path / "big" / "cls" / "x.png")
-    with pytest.raises(data.DataError, match="python tools/prepare.py"):
+    with pytest.raises(rundir.UserError, match="python tools/prepare.py"):
         data.ImageFolder(tmp_path / "big", 16)
 
 
@@ -180,7 +181,7 @@ def test_build_dataset(tmp_path):
     assert data.build_dataset(tmp_path / "layout", 8, split="val").root == tmp_path / "layout" / "val"
     flat = tmp_path / "layout" / "train"
     assert data.build_dataset(flat, 8).root == flat
-    with pytest.raises(data.DataError, match="validation"):
+    with pytest.raises(rundir.UserError, match="validation"):
         data.build_dataset(flat, 8, split="val")
 
 
@@ -375,11 +376,11 @@ def test_batch_stream_workers_match_in_process():
 
 def test_batch_stream_validation():
     dataset = shapes.EmbeddedShapes(image_size=16, length=10)
-    with pytest.raises(data.DataError, match="divisible"):
+    with pytest.raises(rundir.UserError, match="divisible"):
         data.BatchStream(dataset, 10, world=3)
-    with pytest.raises(data.DataError, match="positive"):
+    with pytest.raises(rundir.UserError, match="positive"):
         data.BatchStream(dataset, 0)
-    with pytest.raises(data.DataError, match="views"):
+    with pytest.raises(rundir.UserError, match="views"):
         data.BatchStream(dataset, 4, views="both")
 
 

@@ -121,7 +121,7 @@ def test_noise_levels_weights_and_loss_match_an_independent_computation():
 
 
 def test_paper_model_defaults_are_tables_9_and_11_and_the_tiny_preset_does_not_leak():
-    xl = train_diffusion.parse_args(["--model", "XL"])
+    xl = train_diffusion.parse_args(["--model", "XL", "--data", "/data/in256"])
     assert (xl.batch_size, xl.steps, xl.lr, xl.ema, xl.weight_decay, xl.grad_clip) == (1024, 1_000_000, 1e-4, 0.9999,
                                                                                        0.01, 0.5)   # Table 11
     assert (xl.p_mean, xl.p_std, xl.image_size) == (-1.2, 1.6, 256)                                 # Table 9
@@ -181,7 +181,7 @@ def test_tiny_checkpoints_record_guidance_above_the_papers_interval_and_paper_si
     tiny = load(uninterrupted / "ckpt_last.pt")["config"]["sampling"]
     assert resolved(tiny) == (4.0, [1.61, 80.0])                       # the levels above §4's interval
     assert resolved(tiny, "--cfg-scale", "2", "--cfg-interval", "0.19", "1.61") == (2.0, [0.19, 1.61])  # flags win
-    paper = vars(train_diffusion.parse_args(["--model", "XL"]))["sampling"]
+    paper = vars(train_diffusion.parse_args(["--model", "XL", "--data", "/data/in256"]))["sampling"]
     assert resolved(paper)[1] == [0.19, 1.61]                          # §4: the interval of Kynkaanniemi et al.
 
 
@@ -222,6 +222,33 @@ def test_changed_settings_refuse_to_resume(rcm_path, uninterrupted, tmp_path, mo
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "cannot resume" in err and "--batch-size" in err and "\n" not in err
     assert load(out / "ckpt_last.pt")["step"] == 4                     # nothing was overwritten
+
+
+def test_a_resume_under_changed_code_says_so_in_one_line_and_goes_on(rcm_path, uninterrupted, tmp_path,
+                                                                      monkeypatch, capsys):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    recorded = json.load(open(out / "config.json"))["code"]
+    assert recorded == load(out / "ckpt_last.pt")["config"]["code"] and len(recorded["sha256"]) == 64
+    edited = dict(recorded, sha256="0" * 64)                           # as after an edit of the script
+    monkeypatch.setattr(train_diffusion.trainlib, "code_fingerprint", lambda script: edited)
+    run_main(train_args(rcm_path, out, steps=5))
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "code differs" in line]
+    assert len(notes) == 1 and notes[0].startswith("note:"), captured.err
+    assert "data: the embedded shapes (shapes.py), 50000 images, 10 classes" in captured.out   # the start line
+    assert load(out / "ckpt_last.pt")["step"] == 5 and json.load(open(out / "config.json"))["code"] == edited
+
+
+def test_lrd_must_be_in_0_1():
+    """Table 13's layer-wise lr decay: 0 would leave the encoder at lr 0 (the authors' 0 means off), so it is
+    refused, as is a decay above 1; 1 is off and 0.5 the paper's row."""
+    for bad in ("0", "-0.5", "1.5"):
+        with pytest.raises(rundir.UserError, match=r"--lrd must be in \(0, 1\]"):
+            train_diffusion.parse_args(["--model", "T", "--lrd", bad])
+    assert train_diffusion.parse_args(["--model", "T", "--lrd", "0.5"]).lrd == 0.5
+    assert train_diffusion.parse_args(["--model", "T"]).lrd == 1.0
 
 
 def test_two_processes_match_one(rcm_path, uninterrupted, tmp_path, run_torchrun):

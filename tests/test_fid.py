@@ -21,6 +21,7 @@ from PIL import Image
 from scipy import linalg
 
 import fid
+import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,7 +202,7 @@ def test_frechet_distance_equals_pytorch_fid_and_vanishes_on_itself():
 
 
 def test_frechet_distance_rejects_mismatched_dimensions():
-    with pytest.raises(fid.MetricsError, match="different dimensions"):
+    with pytest.raises(rundir.UserError, match="different dimensions"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
@@ -269,7 +270,7 @@ def test_frechet_distance_of_non_psd_or_nan_statistics_is_a_one_line_error(tmp_p
     np.savez(tmp_path / "good.npz", mu=np.zeros(3), sigma=np.eye(3))
     message = cli_error([tmp_path / "bad.npz", tmp_path / "good.npz"], capsys)      # no Inception weights needed
     assert "imaginary component 1 " in message and "not positive semi-definite" in message
-    with pytest.raises(fid.MetricsError, match="NaN"):
+    with pytest.raises(rundir.UserError, match="NaN"):
         fid.frechet_distance(np.full(3, np.nan), np.eye(3), np.zeros(3), np.eye(3))
 
 
@@ -316,7 +317,7 @@ def test_precision_recall_identical_and_far_apart():
     points = np.random.default_rng(3).normal(size=(40, 5))
     assert fid.precision_recall(points, points) == (1.0, 1.0)
     assert fid.precision_recall(points, points + 1000.0) == (0.0, 0.0)
-    with pytest.raises(fid.MetricsError, match="more than 3"):
+    with pytest.raises(rundir.UserError, match="more than 3"):
         fid.precision_recall(points[:3], points)
 
 
@@ -360,7 +361,7 @@ def test_statistics_round_trip(tmp_path):
 ])
 def test_bad_npz_files_are_rejected_clearly(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(fid.MetricsError, match=message):
+    with pytest.raises(rundir.UserError, match=message):
         fid.open_input(tmp_path / "bad.npz")
 
 
@@ -451,14 +452,14 @@ def test_cached_weights_with_wrong_checksum_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / fid.INCEPTION_FILENAME).write_bytes(b"truncated download")
-    with pytest.raises(fid.MetricsError, match="corrupt"):
+    with pytest.raises(rundir.UserError, match="corrupt"):
         fid.find_inception_weights()
 
 
 def test_wrong_state_dict_is_rejected(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    with pytest.warns(UserWarning, match="sha256"), pytest.raises(fid.MetricsError, match="missing keys"):
+    with pytest.warns(UserWarning, match="sha256"), pytest.raises(rundir.UserError, match="missing keys"):
         fid.load_inception(path)
 
 

@@ -332,3 +332,45 @@ def test_exact_consistency_function_of_gaussian_data():
         x_r = mu + (x_T - mu) * torch.sqrt(s ** 2 + r ** 2) / torch.sqrt(s ** 2 + t ** 2)   # exact ODE solution
         assert losses.pseudo_huber(f_star(x_T, t), f_star(x_r, r)).max().item() < 1e-20
         assert losses.pseudo_huber(1.01 * f_star(x_T, t), f_star(x_r, r)).min().item() > 1e-6
+
+
+# ---------------------------------------------------------------- the random variables of a step
+def _generators(seed):
+    """generator(device, stream) as trainlib.step_generators builds it (losses.py imports no project module)."""
+    return lambda device, stream: torch.Generator(device=device).manual_seed(1000 * seed + stream)
+
+
+@pytest.mark.parametrize("objective", ["rcm", "diffusion", "consistency"])
+def test_draws_do_not_depend_on_the_number_of_processes(objective):
+    # 4 ranks, each drawing its slice of a global batch of 8, together hold exactly what one process draws
+    draws = {"rcm": lambda g, x, y, mine: losses.rcm_draws(g, x, mine, 8, 21),
+             "diffusion": lambda g, x, y, mine: losses.diffusion_draws(g, x, y, mine, 8, 10, 0.4, 1.6, 0.5),
+             "consistency": lambda g, x, y, mine: losses.consistency_draws(g, x, y, mine, 8, 10, 2, 1.2, 1.6, 0.5)}
+    draw = draws[objective]
+    x, y = torch.zeros(8, 3, 16, 16), torch.arange(8)
+    whole = draw(_generators(3), x, y, slice(0, 8))
+    parts = [draw(_generators(3), x[k:k + 2], y[k:k + 2], slice(k, k + 2)) for k in range(0, 8, 2)]
+    for i, value in enumerate(whole):
+        assert torch.equal(value, torch.cat([p[i] for p in parts]))
+    assert whole[2].shape == (8, 3, 16, 16)
+    # the fine-tuning levels come shifted by s = 16 / 64 (Table 9), eq. 8's unshifted (tau(t_n) takes them so)
+    level = _generators(3)("cpu", losses.STREAM_LEVEL)
+    unshifted = {"rcm": lambda: losses.rc_noise_pair(8, 21, level)[0],
+                 "diffusion": lambda: losses.diffusion_noise(8, level, 0.4, 1.6)[0],
+                 "consistency": lambda: losses.ct_time_pair(8, 2, level, 1.2, 1.6)[0]}[objective]()
+    assert torch.allclose(whole[0], unshifted * (1 if objective == "rcm" else 16 / 64))
+
+
+def test_label_dropout_has_its_own_stream():
+    # changing the dropout rate changes no other variable; rate 0 keeps every label, rate 1 drops every one to 10
+    x, y = torch.zeros(64, 3, 8, 8), torch.arange(64) % 10
+    base = losses.diffusion_draws(_generators(0), x, y, slice(None), 64, 10, label_dropout=0.0)
+    dropped = losses.diffusion_draws(_generators(0), x, y, slice(None), 64, 10, label_dropout=0.5)
+    for a, b in zip(base[:3], dropped[:3]):
+        assert torch.equal(a, b)
+    assert torch.equal(base[3], y) and 10 < int((dropped[3] == 10).sum()) < 54
+    everything = losses.consistency_draws(_generators(0), x, y, slice(None), 64, 10, 1, label_dropout=1.0)[3]
+    assert bool((everything == 10).all())
+    # the dropout mask is the label stream's own uniform draw, below the rate
+    u = torch.rand(64, generator=_generators(0)("cpu", losses.STREAM_LABEL_DROP))
+    assert torch.equal(dropped[3] == 10, u < 0.5)

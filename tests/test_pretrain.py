@@ -130,9 +130,21 @@ def test_resume_with_another_model_is_refused(single_run, tmp_path):
     mtime = os.stat(out / "ckpt_last.pt").st_mtime_ns
     cmd = pretrain_cmd(out, "--steps", 6)
     cmd[cmd.index("--model") + 1] = "S"
+    cmd += ["--data", "shapes"]                                   # other sizes train on the shapes only when asked
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "cannot resume" in result.stderr and "--model T (checkpoint) vs S (now)" in result.stderr
     assert hashlib.sha256((out / "ckpt_last.pt").read_bytes()).hexdigest() == digest
     assert os.stat(out / "ckpt_last.pt").st_mtime_ns == mtime
+
+
+def test_the_papers_command_without_data_stops_with_one_line(tmp_path):
+    """`pretrain.py --model B` without --data would train RCM-B on the embedded toy shapes for 600k steps: it stops
+    before anything is written, with exit 2 and one line saying how to point it at ImageNet."""
+    out = tmp_path / "rcm_b"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), "--model", "B", "--out", str(out)],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "tools/prepare.py" in result.stderr, result.stderr
+    assert "--data shapes" in result.stderr and not out.exists()

@@ -75,7 +75,7 @@ def cli(monkeypatch, capsys, module, argv):
     Returns (exit code, stdout, stderr); exit code 0 when main returned normally."""
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
     try:
-        code = rundir.cli_main(module.main, fid.MetricsError) or 0
+        code = rundir.cli_main(module.main) or 0
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()
@@ -171,8 +171,8 @@ def files(tmp_path_factory):
 
 def base_args(script, files):
     """A tiny, valid command line of each script (later flags override earlier ones)."""
-    common = ["--model", "T", "--image-size", SIZE, "--batch-size", 4, "--steps", 2, "--device", "cpu",
-              "--log-every", 1]
+    common = ["--model", "T", "--data", "shapes", "--image-size", SIZE, "--batch-size", 4, "--steps", 2,
+              "--device", "cpu", "--log-every", 1]
     return {
         pretrain: common + ["--probe-every", 0],
         train_diffusion: common + ["--init", files["rcm16"], "--sample-every", 0, "--eval-samples", 0,
@@ -797,13 +797,13 @@ def test_class_folders_without_images_and_symlink_loops_are_one_line(tmp_path):
         Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(root / name / "0.png")
     (root / "empty").mkdir()
     (root / "loop").symlink_to(root)
-    with pytest.raises(data.DataError, match="class folders without images in .*: empty, loop;"):
+    with pytest.raises(rundir.UserError, match="class folders without images in .*: empty, loop;"):
         data.ImageFolder(root, SIZE)
     (root / "empty").rmdir()
     (root / "loop").unlink()
     (root / "a" / "x.png").symlink_to("y.png")
     (root / "a" / "y.png").symlink_to("x.png")
-    with pytest.raises(data.DataError, match=r"cannot read .*[xy]\.png \(Too many levels of symbolic links\)"):
+    with pytest.raises(rundir.UserError, match=r"cannot read .*[xy]\.png \(Too many levels of symbolic links\)"):
         data.ImageFolder(root, SIZE)
 
 

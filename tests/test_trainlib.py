@@ -206,3 +206,53 @@ def test_every_config_key_is_a_flag_with_its_comment_as_help_and_presets_show_in
         shown = module.PRESETS["T"].get(key, module.CONFIG[key])
         if not isinstance(shown, (list, tuple, dict)):
             assert f"(default: {shown})" in text, (key, text)
+
+
+@pytest.mark.parametrize("script", ["pretrain", "train_diffusion", "train_consistency"])
+def test_paper_sizes_need_data_and_the_shapes_are_asked_for_by_name(script):
+    """Without --data, --model T trains on the embedded shapes and every other size stops: one line naming
+    tools/prepare.py and the explicit --data shapes; --data shapes (the embedded set at any size) is honoured."""
+    import importlib
+    module = importlib.import_module(script)
+    with pytest.raises(rundir.UserError) as e:
+        module.parse_args(["--model", "B"])
+    message = str(e.value)
+    assert "\n" not in message and "tools/prepare.py" in message and "--data shapes" in message
+    assert module.parse_args(["--model", "B", "--data", "shapes"]).data is None      # None: the embedded data set
+    assert module.parse_args(["--model", "T"]).data is None
+    assert module.parse_args(["--model", "B", "--data", "/data/in256"]).data == "/data/in256"
+
+
+@pytest.mark.parametrize("script", ["pretrain", "train_diffusion", "train_consistency"])
+def test_each_script_declares_its_ranges_and_resumable_keys_beside_config(script):
+    """The ranges checked by trainlib.parse and the keys a resume may change are the script's own declarations,
+    and name keys of its CONFIG (a misspelt one would check nothing); a value outside its range is refused."""
+    import importlib
+    module = importlib.import_module(script)
+    evaluation = {"eval_every", "eval_samples", "eval_cfg", "eval_ref", "inception", "sample_every", "sample_steps"}
+    for name in ("POSITIVE", "NON_NEGATIVE", "FRACTION"):
+        assert set(getattr(module, name)) <= set(module.CONFIG), name
+    assert set(module.MAY_CHANGE) <= set(module.CONFIG) | evaluation
+    assert {"out", "steps", "ckpt_every", "log_every"} <= set(module.MAY_CHANGE)
+    assert not {"model", "lr", "batch_size", "image_size"} & set(module.MAY_CHANGE)
+    for key, bad in ((module.POSITIVE[0], 0), (module.NON_NEGATIVE[0], -1), (module.FRACTION[0], 1)):
+        with pytest.raises(rundir.UserError, match=f"--{key.replace('_', '-')} must be"):
+            module.parse_args(["--model", "T", f"--{key.replace('_', '-')}", str(bad)])
+
+
+def test_code_fingerprint_follows_the_code(tmp_path):
+    """The fingerprint hashes the stage's script with the shared modules (an edit changes it, the same code gives
+    the same value) and names git HEAD where there is one."""
+    import shutil
+    import subprocess
+    root = os.path.dirname(os.path.abspath(trainlib.__file__))
+    script = tmp_path / "train_diffusion.py"
+    shutil.copy(os.path.join(root, "train_diffusion.py"), script)
+    same = trainlib.code_fingerprint(os.path.join(root, "train_diffusion.py"))
+    assert trainlib.code_fingerprint(str(script)) == same and len(same["sha256"]) == 64
+    with open(script, "a") as f:
+        f.write("# an edit\n")
+    assert trainlib.code_fingerprint(str(script))["sha256"] != same["sha256"]
+    assert trainlib.code_fingerprint(os.path.join(root, "pretrain.py"))["sha256"] != same["sha256"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    assert same["git"] == (head.stdout.strip() if head.returncode == 0 else None)

@@ -64,8 +64,9 @@ def pretrain_stage(args, device):
     target_fn = trainlib.compiled(rcm.features, args, device)
     opt = trainlib.adamw(rcm, 1e-4, (0.9, 0.999), 0.03, device=device)
     b, s = args.batch_size, losses.resolution_shift(args.image_size)
-    x, y1, y2, eps = _images(args, device, 4)
-    s_n, s_next = (s * v for v in losses.rc_noise_pair(b, 641, device=device))
+    x, y1, y2 = _images(args, device, 3)
+    t_n, t_next, eps = losses.rcm_draws(trainlib.step_generators(0, 0), x, slice(None), b, 641)
+    s_n, s_next = s * t_n, s * t_next
     tau = torch.full((b,), 0.15, device=device)
 
     def step():
@@ -84,10 +85,10 @@ def diffusion_stage(args, device):
     ema = copy.deepcopy(epg).requires_grad_(False)
     net = trainlib.compiled(epg, args, device)
     opt = trainlib.adamw(epg, 1e-4, (0.9, 0.999), 0.01, no_decay=("pos_embed", "cls_token"), device=device)
-    x0, eps = _images(args, device, 2)
-    y = torch.randint(0, 1001, (args.batch_size,), device=device)
-    sigma, weight = (v.to(device) for v in losses.diffusion_noise(args.batch_size))
-    sigma = losses.resolution_shift(args.image_size) * sigma
+    x0, = _images(args, device, 1)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    sigma, weight, eps, y = losses.diffusion_draws(trainlib.step_generators(0, 0), x0, y, slice(None),
+                                                   args.batch_size, 1000)
 
     def step():
         with trainlib.autocast(device):
@@ -106,11 +107,11 @@ def consistency_stage(args, device):
     rcm = models.build_rcm(args.model, args.image_size).to(device).eval().requires_grad_(False)
     W, net = trainlib.compiled(rcm.features, args, device), trainlib.compiled(epg, args, device)
     opt = trainlib.adamw(epg, 1e-4, (0.9, 0.99), 0.01, no_decay=("pos_embed", "cls_token"), device=device)
-    s = losses.resolution_shift(args.image_size)
-    sigma_min = s * losses.SIGMA_MIN
-    x0, eps = _images(args, device, 2)
+    sigma_min = losses.resolution_shift(args.image_size) * losses.SIGMA_MIN
+    x0, = _images(args, device, 1)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    t, r = (s * v.to(device) for v in losses.ct_time_pair(args.batch_size, stage=3))
+    t, r, eps, y = losses.consistency_draws(trainlib.step_generators(0, 0), x0, y, slice(None), args.batch_size,
+                                            1000, stage=3)
     rng = [device.index or 0] if device.type == "cuda" else []
 
     def step():

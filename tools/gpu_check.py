@@ -175,8 +175,8 @@ def main():
               lambda output: output.strip().splitlines()[-1].strip("= "))
 
     def train(script, model, steps, folder, *flags, batch_size=batch):
-        return [script, "--model", size(model), "--steps", steps, "--batch-size", batch_size, "--log-every", 1,
-                *device, "--out", folder, *flags]
+        return [script, "--model", size(model), "--data", "shapes", "--steps", steps, "--batch-size", batch_size,
+                "--log-every", 1, *device, "--out", folder, *flags]
 
     if "train" in args.only:
         rcm_b, copy, rcm_l, dm, cm = (os.path.join(out, d) for d in ("rcm_b", "rcm_b_copy", "rcm_l", "dm_xl", "cm_l"))
