@@ -78,15 +78,33 @@ def checked(fn, *args, context=""):
 
 # ---- Output directory, checkpoints, pre-emption ----
 LOCK_STALE_S = 300     # a lock whose lease (its mtime, renewed by the live run every fifth of this) is older is stale
-_LOCKS = []            # (lock file, "host pid") of the locks this process holds
+_LOCKS = []            # (lock file, "host pid job") of the locks this process holds
 
 
 def _lock_stale_s():
     return float(os.environ.get("EPG_LOCK_STALE_S", LOCK_STALE_S))          # tests shorten it
 
 
+def _job_id():
+    """The scheduler's id of this job, which a requeue keeps: SLURM_JOB_ID, else torchrun's rendezvous id (--rdzv-id;
+    torchrun's default "none" names no job); "-" when there is none."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm:" + os.environ["SLURM_JOB_ID"]
+    return "torchrun:" + run_id if run_id and run_id != "none" else "-"
+
+
+def _holder(lock):
+    """(host, pid, job) that `lock` names; ValueError for garbage, OSError when it is unreadable or gone."""
+    with open(lock, "rb") as f:
+        fields = f.read(4096).decode().split()
+    if len(fields) not in (2, 3) or not fields[1].isdigit() or len(fields[1]) > 9:
+        raise ValueError(fields)
+    return fields[0], int(fields[1]), fields[2] if len(fields) == 3 else "-"
+
+
 def prepare_output(out, main=True):
-    """Create OUT, check that it is writable and take its lock OUT/.lock ("host pid"), a lease renewed (its mtime)
+    """Create OUT, check that it is writable and take its lock OUT/.lock ("host pid job"), a lease renewed (its mtime)
     while this process lives. Another live run's lock is refused (_take_over). Rank 0 only."""
     if not main:
         return
@@ -100,12 +118,23 @@ def prepare_output(out, main=True):
     finally:
         with contextlib.suppress(OSError):
             os.remove(probe)
-    lock, me = os.path.join(out, ".lock"), f"{socket.gethostname()} {os.getpid()}"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        _take_over(lock, out)
-        fd = os.open(lock, os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
+    lock, me = os.path.abspath(os.path.join(out, ".lock")), f"{socket.gethostname()} {os.getpid()} {_job_id()}"
+    for _ in range(10):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            _take_over(lock, out)
+            try:
+                os.remove(lock)                    # a file or a dangling symlink; a new O_EXCL create follows
+            except IsADirectoryError:
+                raise UserError(f"{lock} is a directory, not a lock file; remove it (rmdir) and rerun") from None
+            except FileNotFoundError:
+                pass
+        except OSError as e:
+            raise UserError(f"cannot create the lock {lock} ({e.strerror}); remove it and rerun") from None
+    else:
+        raise UserError(f"could not take the lock {lock}: other runs keep taking it; is another run starting?")
     os.write(fd, me.encode())
     os.close(fd)
     _LOCKS.append((lock, me))
@@ -114,32 +143,78 @@ def prepare_output(out, main=True):
 
 
 def _take_over(lock, out):
-    """Return when the lock may be taken over (a dead pid on this host, a stale lease of a run SIGKILLed on another
-    node, an unreadable file), with a note; UserError while a live run holds it."""
+    """Return when the lock may be taken over, with a note: a dead pid on this host, the same scheduler job (a requeue,
+    on any node), a lease that is stale or is not renewed while we watch it (a run killed on another node, whose job
+    is not known), an unreadable file. UserError while a live run holds it."""
+    if os.path.isdir(lock) and not os.path.islink(lock):
+        raise UserError(f"{lock} is a directory, not a lock file; remove it (rmdir) and rerun")
     try:
-        with open(lock) as f:
-            host, _, pid = f.read().strip().partition(" ")
-        pid, age = int(pid), time.time() - os.stat(lock).st_mtime
-    except (OSError, ValueError):                  # empty or garbage (a crash while it was written), or just gone
+        host, pid, job = _holder(lock)
+        stamp = os.stat(lock).st_mtime
+    except (OSError, ValueError, UnicodeDecodeError):    # empty, garbage (a crash while written), dangling, gone
         print(f"note: taking over the unreadable lock {lock}", file=sys.stderr)
         return
-    if host == socket.gethostname() and pid == os.getpid():
+    age, stale, here = time.time() - stamp, _lock_stale_s(), socket.gethostname()
+    who = f"host {host}, pid {pid}" + ("" if job == "-" else f", job {job}")
+    if host == here and pid == os.getpid():
         return
-    if age > _lock_stale_s():
-        print(f"note: taking over the lock of host {host} (pid {pid}) in {out}: its lease was last renewed "
-              f"{age:.0f} s ago", file=sys.stderr)
-    elif host == socket.gethostname() and not _alive(pid):
+    if host == here and _alive(pid):
+        pass
+    elif host == here:
         print(f"note: taking over the lock of a dead run (pid {pid}) in {out}", file=sys.stderr)
-    else:
-        raise UserError(f"'{out}' is in use by another run (host {host}, pid {pid}, lease renewed {age:.0f} s ago); "
-                        f"wait for it to end or choose another --out (a lease is stale after {_lock_stale_s():.0f} s)")
+        return
+    elif job != "-" and job == _job_id():
+        print(f"note: taking over the lock of {who} in {out}: the same job, requeued", file=sys.stderr)
+        return
+    elif age > stale:
+        print(f"note: taking over the lock of {who} in {out}: its lease was last renewed {age:.0f} s ago",
+              file=sys.stderr)
+        return
+    else:                                          # another node, another or no job: alive while it renews
+        wait = stale - age
+        print(f"note: {out} is locked by {who} (lease renewed {age:.0f} s ago); watching its lease for up to "
+              f"{wait:.0f} s: taking over unless it is renewed", file=sys.stderr, flush=True)
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            time.sleep(min(1.0, stale / 20))
+            try:
+                if os.stat(lock).st_mtime != stamp or _holder(lock) != (host, pid, job):
+                    break                          # renewed, or taken by another run
+            except (OSError, ValueError, UnicodeDecodeError):
+                return                             # released (or replaced by garbage)
+        else:
+            print(f"note: taking over the lock of {who} in {out}: its lease was not renewed for {stale:.0f} s",
+                  file=sys.stderr)
+            return
+        age = time.time() - os.stat(lock).st_mtime if os.path.exists(lock) else 0
+    raise UserError(f"'{out}' is in use by another run ({who}, lease renewed {age:.0f} s ago); "
+                    f"wait for it to end or choose another --out (a lease is stale after {stale:.0f} s)")
 
 
 def _holds(lock, me):
     """Whether `lock` still names this process (False once it is gone or unreadable)."""
-    with contextlib.suppress(OSError), open(lock) as f:
-        return f.read().strip() == me
+    with contextlib.suppress(OSError), open(lock, "rb") as f:
+        return f.read(4096).strip() == me.encode()
     return False
+
+
+def fence(path, tmp=None):
+    """Before a write under a locked OUT: UserError when OUT's lock no longer names this process (this run was frozen
+    past its lease, SLURM suspend or an NFS hang, and another run took OUT over); nothing is written then (our
+    temporary file `tmp`, if any, is removed)."""
+    path = os.path.abspath(path)
+    for lock, me in _LOCKS:
+        if path.startswith(os.path.dirname(lock) + os.sep) and not _holds(lock, me):
+            try:
+                host, pid, job = _holder(lock)
+                who = f"host {host}, pid {pid}" + ("" if job == "-" else f", job {job}")
+            except (OSError, ValueError, UnicodeDecodeError):
+                who = "no run (the lock is gone)"
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            raise UserError(f"this run lost the lock of {os.path.dirname(lock)} (it now names {who}): it was "
+                            f"stopped past its lease and another run took over; stopping without writing")
 
 
 def _renew_leases():
@@ -163,7 +238,7 @@ def release_locks():
 def _alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:
         return True
@@ -177,11 +252,35 @@ def _write_synced(path, write, mode="wb"):
         os.fsync(f.fileno())
 
 
+def _tmp(path):
+    """The temporary name of `path` while this process writes it: host and pid, so that cleanup knows its writer."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_leftovers(path):
+    """Remove the temporary files of `path` that earlier writers killed mid-write left: those of dead pids on this
+    host, or older than a lease (a writer on another node is dead by then); never a live writer's."""
+    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    with contextlib.suppress(OSError):
+        for leftover in os.listdir(folder):
+            if not (leftover.startswith(name + ".tmp-") or leftover.startswith(name + ".sha256.tmp-")):
+                continue
+            host, _, pid = leftover.partition(".tmp-")[2].rpartition("-")
+            full = os.path.join(folder, leftover)
+            with contextlib.suppress(OSError):
+                mine = host == socket.gethostname() and pid.isdigit()
+                if (mine and not _alive(int(pid)) or time.time() - os.stat(full).st_mtime > _lock_stale_s()
+                        or not host):                  # not host: the old name (pid only)
+                    os.remove(full)
+
+
 def write_atomically(path, write, mode="wb"):
     """write(f) into a temporary file beside `path`, fsync, rename: `path` ends up complete or untouched."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    fence(path)
+    tmp = _tmp(path)
     try:
         _write_synced(tmp, write, mode)
+        fence(path, tmp)                           # again: this process may have been frozen while it wrote
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -217,7 +316,7 @@ def _recorded_digests(path):
 
 
 def _record_digests(path, digests):
-    tmp = f"{path}.sha256.tmp-{os.getpid()}"
+    tmp = _tmp(path + ".sha256")
     _write_synced(tmp, lambda f: f.write("".join(f"{d}  {os.path.basename(path)}\n" for d in digests)), "w")
     os.replace(tmp, path + ".sha256")
 
@@ -230,9 +329,11 @@ def save_checkpoint(path, state):
                                                if torch.is_tensor(t) and t.is_floating_point()):
             raise UserError(f"the {name} weights became non-finite at or before step {state.get('step')}; the last "
                             f"good checkpoint was kept. Lower --lr, check the data, or pass --skip-nonfinite")
-    tmp, digest, old = f"{path}.tmp-{os.getpid()}", hashlib.sha256(), _recorded_digests(path)
+    fence(path)
+    tmp, digest, old = _tmp(path), hashlib.sha256(), _recorded_digests(path)
     try:
         _write_synced(tmp, lambda f: torch.save(state, _Hashing(f, digest)))
+        fence(path, tmp)
         if old:
             _record_digests(path, old + [digest.hexdigest()])
         os.replace(tmp, path)
@@ -243,11 +344,7 @@ def save_checkpoint(path, state):
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise UserError(f"could not write checkpoint '{path}' ({reason}); free disk space or choose another --out. "
                         f"The previous checkpoint is intact.") from None
-    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
-    for leftover in os.listdir(folder):            # of earlier writers that were killed mid-write
-        if leftover.startswith(name) and ".tmp-" in leftover:
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, leftover))
+    _remove_leftovers(path)
 
 
 def load_checkpoint(path, stage=None, mmap=False):
@@ -411,6 +508,7 @@ def checkpoint(env, args, step, state):
 def append_line(path, line):
     """Append one line to `path`; a failed write (a full disk) is undone, so that no torn line remains."""
     data = (line + "\n").encode()
+    fence(path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         end, done = os.lseek(fd, 0, os.SEEK_END), 0
