@@ -227,3 +227,66 @@ def test_cleanup_removes_only_the_temporary_files_of_dead_writers(tmp_path, monk
     finally:
         live.kill()
         live.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Multi-node: two torchrun agents, a c10d rendezvous on localhost
+# ----------------------------------------------------------------------------------------------------------------
+LOSSES = ("step", "loss", "loss_ctr", "loss_rc", "lr", "num_scales", "tau_rc", "grad_norm")
+
+
+def records(out):
+    return [{k: r[k] for k in LOSSES} for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+
+
+def test_two_nodes_equal_one_node_bitwise_and_a_sigterm_to_one_agent_resumes_on_one_process(tmp_path, monkeypatch,
+                                                                                            capsys, run_torchrun):
+    """pretrain.py under two torchrun agents (--nnodes 2 --nproc_per_node 1, c10d rendezvous on 127.0.0.1; the second
+    agent on host 'other' where unshare --uts is available) logs bitwise the losses of one agent with 2 processes;
+    a SIGTERM to one agent mid-run saves the step reached (exit 143), no FutureWarning is printed, and the same
+    command on one node with one process resumes from that checkpoint and ends where the 2-process run ends."""
+    from conftest import free_port
+    steps = 12
+    args = [*map(str, PRETRAIN + ["--steps", steps, "--ckpt-every", 1000])]
+    result = run_torchrun(2, "pretrain.py", *args, "--out", tmp_path / "one_node")
+    assert result.returncode == 0, result.stderr[-2000:]
+    reference = records(tmp_path / "one_node")
+    assert [r["step"] for r in reference] == list(range(1, steps + 1))
+
+    out = tmp_path / "two_nodes"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=epg-two-nodes", "--local-addr=127.0.0.1",
+           "pretrain.py", *args, "--out", str(out)]
+    env = {**ENV, "GLOO_SOCKET_IFNAME": "lo"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    logs = [open(tmp_path / f"agent{i}.log", "w+") for i in (0, 1)]
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs[0], stderr=subprocess.STDOUT)]
+    if unshare_available():
+        agents.append(on_other_host(cmd, {"GLOO_SOCKET_IFNAME": "lo"}, stdout=logs[1], stderr=subprocess.STDOUT))
+    else:
+        agents.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs[1], stderr=subprocess.STDOUT))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and all(a.poll() is None for a in agents) and not (
+                (out / "metrics.jsonl").exists() and len(metrics_steps(out)) >= 3):
+            time.sleep(0.01)
+        agents[1].send_signal(signal.SIGTERM)                    # one agent, not necessarily rank 0's
+        for agent in agents:
+            agent.wait(timeout=120)
+    finally:
+        for agent in agents:
+            agent.kill()
+    text = "".join(open(f.name).read() for f in logs)
+    stopped_at = load(out / "ckpt_last.pt")["step"]
+    assert 3 <= stopped_at < steps, text[-3000:]
+    assert f"SIGTERM: stopped after step {stopped_at}" in text, text[-3000:]
+    assert "FutureWarning" not in text and "Traceback" not in text.split("SIGTERM: stopped")[0], text[-3000:]
+    assert records(out) == reference[:stopped_at]                # bitwise: 2 nodes x 1 == 1 node x 2
+
+    code, stdout, err = cli(monkeypatch, capsys, pretrain, args + ["--out", out])
+    assert code == 0 and f"resumed from {out}/ckpt_last.pt at step {stopped_at}" in stdout, err[-2000:]
+    resumed = records(out)
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    for a, b in zip(resumed[stopped_at:], reference[stopped_at:]):
+        for key in ("loss", "loss_ctr", "loss_rc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
