@@ -1,12 +1,14 @@
 """The run directory: what keeps a run's work safe, and what a researcher never needs to edit. Errors that end a run
-with one line (UserError, exit 2), the output lock (a lease renewed while the run lives), atomic checkpoints with their
-sha256 records, resume with fallback to kept checkpoints, and pre-emption (SIGTERM/SIGINT save, then exit). Imports
-no project module; trainlib.py (the training step) imports this one."""
+with one line (UserError, exit 2), the output lock (a lease renewed while the run lives, naming the scheduler's job,
+fenced before every write), atomic checkpoints with their sha256 records, resume with fallback to kept checkpoints, and
+pre-emption (SIGTERM/SIGINT/SIGUSR1/SIGUSR2/SIGHUP save, then exit). Imports no project module; trainlib.py (the
+training step) imports this one."""
 import atexit
 import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import signal
 import socket
@@ -31,7 +33,8 @@ class CorruptCheckpoint(UserError):
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGINT arrived; the run saved what a rerun needs and exits with 128 + the signal number."""
+    """A stop signal arrived (SIGTERM, SIGINT, SIGUSR1, ...); the run saved what a rerun needs and exits with 128 + the
+    signal number."""
 
     def __init__(self, signum, message):
         super().__init__(f"{signal.Signals(signum).name}: {message}")
@@ -60,8 +63,8 @@ def cli_main(main, *user_errors):
         sys.exit(130)
     finally:
         release_locks()
-        signal.signal(signal.SIGINT, signal.default_int_handler)       # as before init_distributed
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in STOP_SIGNALS:                                          # as before init_distributed
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -363,9 +366,11 @@ def load_checkpoint(path, stage=None, mmap=False):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the file is unusable
+        foreign = isinstance(e, pickle.UnpicklingError)        # a complete file whose pickle is not ours
         raise CorruptCheckpoint(path, f"is unreadable or corrupt ({type(e).__name__})",
                                 f"; use another checkpoint (the authors' released weights: python tools/official.py "
-                                f"convert {path} OUT.pt)") from None
+                                f"convert {path} OUT.pt)" if foreign else "; it is truncated or damaged: use another "
+                                f"checkpoint (an OUT/ckpt_<step>.pt of the same run)") from None
     if not isinstance(state, dict) or "stage" not in state or "config" not in state:
         raise UserError(f"'{path}' is not a checkpoint of this project; if it holds the authors' released weights, "
                         f"convert it first: python tools/official.py convert {path} OUT.pt")
@@ -376,24 +381,74 @@ def load_checkpoint(path, stage=None, mmap=False):
     return state
 
 
+def _file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _copy_checkpoint(src, dst):
+    """dst <- src, as save_checkpoint writes (atomic, with its sha256 record): a fallback also repairs ckpt_last.pt."""
+    fence(dst)
+    tmp, digest = _tmp(dst), hashlib.sha256()
+    try:
+        with open(src, "rb") as f:
+            _write_synced(tmp, lambda out: _Hashing(out, digest).write(f.read()))
+        _record_digests(dst, _recorded_digests(dst) + [digest.hexdigest()])
+        if os.path.islink(dst):
+            os.remove(dst)
+        os.replace(tmp, dst)
+        _record_digests(dst, [digest.hexdigest()])
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"could not write checkpoint '{dst}' ({e.strerror}); free disk space or choose another --out")
+
+
 def resume_state(args, stage, log=print):
     """The checkpoint of the run being resumed, or None for a fresh run: OUT/ckpt_last.pt, or where that file is
-    unreadable or corrupt, the newest intact OUT/ckpt_<step>.pt (with a note). Its "path" says which."""
-    last = os.path.join(args.out, "ckpt_last.pt")
-    if not os.path.exists(last):
+    missing, unreadable or corrupt, the newest intact OUT/ckpt_<step>.pt (with a note; rank 0 then rewrites
+    ckpt_last.pt from it). A ckpt_last.pt that is a byte copy of a kept checkpoint (a deliberate rollback) is
+    accepted as it is. Its "path" says which."""
+    last, main = os.path.join(args.out, "ckpt_last.pt"), not dist.is_initialized() or dist.get_rank() == 0
+    kept = sorted((name for name in os.listdir(args.out) if re.fullmatch(r"ckpt_\d+\.pt", name)), reverse=True) \
+        if os.path.isdir(args.out) else []
+    kept = [os.path.join(args.out, name) for name in kept]
+    if not os.path.lexists(last) and not kept:
         return None
-    kept = sorted((name for name in os.listdir(args.out) if re.fullmatch(r"ckpt_\d+\.pt", name)), reverse=True)
-    try:
-        state, path = load_checkpoint(last, stage), last
-    except CorruptCheckpoint as e:
-        for path in (os.path.join(args.out, name) for name in kept):
+    why = ("is a dangling symlink" if os.path.islink(last) else "is missing") if not os.path.exists(last) else None
+    if why is None and os.path.isfile(last) and _recorded_digests(last):
+        digest = _file_digest(last)
+        if digest not in _recorded_digests(last):
+            copy_of = [path for path in kept if digest in _recorded_digests(path)]
+            if copy_of:                            # a rollback: cp ckpt_<step>.pt ckpt_last.pt
+                log(f"note: {last} does not match its record {last}.sha256 but is a copy of {copy_of[0]}; resuming "
+                    f"from it", file=sys.stderr)
+                if main:
+                    _record_digests(last, [digest])
+            else:
+                why = (f"does not match its record {last}.sha256 (if you replaced it on purpose, delete "
+                       f"{last}.sha256 to accept it)")
+    state = path = None
+    if why is None:
+        try:
+            state, path = load_checkpoint(last, stage), last
+        except CorruptCheckpoint as e:
+            why = e.why
+    if state is None:
+        for path in kept:
             with contextlib.suppress(CorruptCheckpoint):
                 state = load_checkpoint(path, stage)
-                log(f"note: {last} {e.why}; resuming from {path} (step {state['step']}) instead", file=sys.stderr)
+                log(f"note: {last} {why}; resuming from {path} (step {state['step']}) instead", file=sys.stderr)
+                if main:
+                    _copy_checkpoint(path, last)
                 break
         else:
-            raise UserError(f"cannot resume: {last} {e.why}, and {args.out} holds no intact ckpt_<step>.pt; move it "
-                            f"away to start afresh, or choose another --out") from None
+            raise UserError(f"cannot resume: {last} {why}, and {args.out} holds no intact ckpt_<step>.pt; restore "
+                            f"an intact checkpoint as {last}, or choose another --out") from None
+    for key in ("model", "optimizer", "step"):
+        if key not in state:
+            raise UserError(f"cannot resume: {path} holds no {key!r} entry; restore an intact checkpoint of this run, "
+                            f"or choose another --out")
     state["path"] = path
     if state["step"] >= args.steps:
         log(f"{path} is already at step {state['step']} >= --steps {args.steps}; nothing to do")
@@ -405,7 +460,14 @@ def restore(resume, log, **parts):
     if resume is None:
         return 0
     for key, part in parts.items():
-        part.load_state_dict(resume[key])
+        if key not in resume:
+            raise UserError(f"cannot resume: {resume['path']} holds no {key!r} entry; restore an intact checkpoint "
+                            f"of this run, or choose another --out")
+        try:
+            part.load_state_dict(resume[key])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot resume: the {key!r} entry of {resume['path']} does not fit this run "
+                            f"({str(e).splitlines()[0][:200]})") from None
     log(f"resumed from {resume['path']} at step {resume['step']}")
     return resume["step"]
 
@@ -447,16 +509,19 @@ def check_resume(saved, current, may_change, steps_fixed=False):
 
 
 _STOP = {"signal": 0}
+# what schedulers send before they kill: SIGTERM (SLURM, Kubernetes), SIGINT (Ctrl-C), SIGUSR1/SIGUSR2 (SLURM
+# --signal=USR1@120, the common idiom), SIGHUP (a lost terminal, some batch systems); all save and exit
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
 
 def catch_stop_signals(world):
-    """From here on SIGTERM/SIGINT only set the pre-emption flag (see preempted); under torchrun, a CPU (gloo) group
-    lets the ranks agree on it without a device sync per step."""
+    """From here on the stop signals (STOP_SIGNALS) only set the pre-emption flag (see preempted); under torchrun, a
+    CPU (gloo) group lets the ranks agree on it without a device sync per step."""
     if world > 1:
         _STOP["group"] = dist.new_group(backend="gloo")
     _STOP["signal"] = 0
-    signal.signal(signal.SIGTERM, _on_stop_signal)
-    signal.signal(signal.SIGINT, _on_stop_signal)
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_stop_signal)
 
 
 def _on_stop_signal(signum, frame):
@@ -466,7 +531,7 @@ def _on_stop_signal(signum, frame):
 
 
 def preempted(env):
-    """The number of the SIGTERM/SIGINT that arrived, else 0. Under DDP the ranks agree every step by an all-reduce of
+    """The number of the stop signal that arrived, else 0. Under DDP the ranks agree every step by an all-reduce of
     a CPU flag (gloo), so that they stop at the same step without synchronising the GPU."""
     if not env.distributed:
         return _STOP["signal"]
@@ -477,11 +542,11 @@ def preempted(env):
 
 @contextlib.contextmanager
 def stop_on_signal(message):
-    """SIGTERM and SIGINT raise Preempted(message) at once inside the block: work after the last checkpoint that a
-    rerun redoes (end-of-run sampling). One process only."""
+    """The stop signals (STOP_SIGNALS) raise Preempted(message) at once inside the block: work after the last
+    checkpoint that a rerun redoes (end-of-run sampling). One process only."""
     def stop(signum, frame):
         raise Preempted(signum, message)
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -139,6 +139,9 @@ def generate(model, cfg, indices, labels, args, device, autocast, counter):
     return sampler(denoiser, float(sigmas[0]) * z, sigmas).float()
 
 
+MAX_STEPS = 100_000            # sampling steps beyond this are a typo, not a sampler
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images from an EPG diffusion or consistency checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -173,8 +176,19 @@ def parse_args(argv=None):
             raise rundir.UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.seed < 0:
         raise rundir.UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
-        raise rundir.UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    for flag in ("cfg_scale", "mid_sigma"):
+        if getattr(args, flag) is not None and not math.isfinite(getattr(args, flag)):
+            raise rundir.UserError(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
+    if args.steps is not None and args.steps > MAX_STEPS:
+        raise rundir.UserError(f"--steps must be at most {MAX_STEPS}, got {args.steps}")
+    if args.seed >= 2 ** 63:
+        raise rundir.UserError(f"--seed must be below 2^63, got {args.seed}")
+    if args.cfg_interval is not None and not 0 <= args.cfg_interval[0] < args.cfg_interval[1]:
+        raise rundir.UserError(f"--cfg-interval LO HI needs 0 <= LO < HI, got {args.cfg_interval[0]} "
+                               f"{args.cfg_interval[1]}")
+    if not losses.SIGMA_MIN < args.mid_sigma < losses.SIGMA_MAX:
+        raise rundir.UserError(f"--mid-sigma must lie in the sampling range ({losses.SIGMA_MIN}, {losses.SIGMA_MAX}), "
+                               f"got {args.mid_sigma}")
     return args
 
 

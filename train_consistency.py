@@ -96,7 +96,18 @@ def parse_args(argv=None):
     if len(args.lr_milestones) != len(args.lr_factors):
         raise rundir.UserError(f"--lr-milestones has {len(args.lr_milestones)} values but --lr-factors "
                                  f"{len(args.lr_factors)}; give one factor per milestone")
+    if any(m < 0 for m in args.lr_milestones) or any(f <= 0 for f in args.lr_factors):
+        raise rundir.UserError(f"--lr-milestones must be >= 0 and --lr-factors > 0, got "
+                               f"{' '.join(map(str, args.lr_milestones))} and {' '.join(map(str, args.lr_factors))}")
     args.lr_milestones = [round(m * args.steps) if m < 1 else int(m) for m in args.lr_milestones]
+    if args.lr_milestones != sorted(set(args.lr_milestones)):
+        raise rundir.UserError(f"--lr-milestones must increase (in steps), got "
+                               f"{' '.join(map(str, args.lr_milestones))}")
+    if args.aux_weight < 0:
+        raise rundir.UserError(f"--aux-weight must be >= 0, got {args.aux_weight}")
+    if args.from_scratch and args.init_diffusion:
+        raise rundir.UserError("--from-scratch and --init-diffusion exclude each other (--init-diffusion sets the "
+                               "whole network); pass one of them")
     return args
 
 

@@ -112,7 +112,13 @@ def sample_grid(ema, args, num_classes, device, path, labels=None, seed=0):
 
 
 def parse_args(argv=None):
-    return trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+    args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES)
+    if not 0 < args.lrd <= 1:
+        raise rundir.UserError(f"--lrd must lie in (0, 1] (1: no layer-wise decay), got {args.lrd}")
+    if args.freeze_encoder and args.lrd != 1:
+        raise rundir.UserError(f"--freeze-encoder trains no encoder layer, so --lrd {args.lrd} would do nothing; drop "
+                               f"one of them")
+    return args
 
 
 def main(argv=None):

@@ -290,3 +290,180 @@ def test_two_nodes_equal_one_node_bitwise_and_a_sigterm_to_one_agent_resumes_on_
     for a, b in zip(resumed[stopped_at:], reference[stopped_at:]):
         for key in ("loss", "loss_ctr", "loss_rc"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The breaker's findings
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 6-step pretrain run with ckpt_last.pt and kept ckpt_0000002.pt, ckpt_0000004.pt, ckpt_0000006.pt
+    (in-process)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(sys, "argv", ["pretrain.py", *map(str, PRETRAIN + ["--steps", 6, "--ckpt-every", 1,
+                                                                      "--keep-every", 2, "--out", out])])
+        rundir.cli_main(pretrain.main)
+    finally:
+        mp.undo()
+    return out
+
+
+def copy_run(finished, tmp_path):
+    import shutil
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def run_pretrain(monkeypatch, capsys, out, steps, *extra):
+    return cli(monkeypatch, capsys, pretrain, PRETRAIN + ["--steps", steps, "--ckpt-every", 1, "--keep-every", 2,
+                                                          "--out", out, *extra])
+
+
+@pytest.mark.parametrize("fault", ["missing", "dangling symlink"])
+def test_1_a_missing_last_checkpoint_resumes_from_the_newest_kept_one(fault, finished, tmp_path, monkeypatch, capsys):
+    """ckpt_last.pt gone (a scratch purge, a mistaken mv) or a dangling symlink while ckpt_<step>.pt exist: resume from
+    the newest intact one with a note, never from step 0; ckpt_last.pt is rewritten from it."""
+    out = copy_run(finished, tmp_path)
+    os.remove(out / "ckpt_0000006.pt")                           # a run stopped after step 4, then purged
+    os.remove(out / "ckpt_last.pt")
+    if fault == "dangling symlink":
+        os.symlink(tmp_path / "purged" / "ckpt_last.pt", out / "ckpt_last.pt")
+    code, stdout, err = run_pretrain(monkeypatch, capsys, out, 6)
+    assert code == 0, err[-2000:]
+    assert f"ckpt_last.pt {'is missing' if fault == 'missing' else 'is a dangling symlink'}; resuming from " \
+           f"{out}/ckpt_0000004.pt (step 4) instead" in err
+    assert f"resumed from {out}/ckpt_0000004.pt at step 4" in stdout
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert rundir.load_checkpoint(str(out / "ckpt_last.pt"))["step"] == 6
+
+
+def test_7_a_rollback_by_copy_is_accepted_and_a_replaced_file_is_named_not_called_corrupt(finished, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """cp ckpt_0000002.pt ckpt_last.pt (the .sha256 beside it is stale): a copy of a kept checkpoint, resumed from
+    step 2, not 'fallen back' past the rollback to step 4. A replaced file that is no copy: the message says that it
+    does not match its record and how to accept it, never to start afresh."""
+    import shutil
+    out = copy_run(finished, tmp_path)
+    shutil.copy(out / "ckpt_0000002.pt", out / "ckpt_last.pt")
+    code, stdout, err = run_pretrain(monkeypatch, capsys, out, 6)
+    assert code == 0 and "is a copy of" in err and f"resumed from {out}/ckpt_last.pt at step 2" in stdout, err
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+    state = load(out / "ckpt_last.pt")
+    torch.save({**state, "step": 3}, out / "ckpt_last.pt")       # edited by hand: no copy of a kept one
+    for kept in ("ckpt_0000002.pt", "ckpt_0000004.pt", "ckpt_0000006.pt"):
+        os.remove(out / kept)
+    code, _, err = run_pretrain(monkeypatch, capsys, out, 6)
+    assert_user_error(code, err, f"does not match its record {out}/ckpt_last.pt.sha256 (if you replaced it on "
+                                 f"purpose, delete {out}/ckpt_last.pt.sha256 to accept it)")
+    assert "afresh" not in err and "official.py" not in err
+    os.remove(out / "ckpt_last.pt.sha256")                       # accepted
+    code, stdout, err = run_pretrain(monkeypatch, capsys, out, 6)
+    assert code == 0 and "at step 3" in stdout, err[-2000:]
+
+
+def test_8_a_fallback_at_the_final_step_leaves_an_intact_last_checkpoint(finished, tmp_path, monkeypatch, capsys):
+    """ckpt_last.pt of a finished run gets a flipped byte; the rerun falls back to ckpt_0000006.pt, has nothing to do,
+    and the ckpt_last.pt that 'done' names is intact (rewritten from the fallback)."""
+    out = copy_run(finished, tmp_path)
+    blob = bytearray((out / "ckpt_last.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    (out / "ckpt_last.pt").write_bytes(blob)
+    code, stdout, err = run_pretrain(monkeypatch, capsys, out, 6)
+    assert code == 0 and "resuming from" in err and f"done: 6 steps, checkpoint {out}/ckpt_last.pt" in stdout
+    assert rundir.load_checkpoint(str(out / "ckpt_last.pt"))["step"] == 6
+    assert (out / "ckpt_last.pt").read_bytes() == (out / "ckpt_0000006.pt").read_bytes()
+
+
+def test_13_malformed_checkpoints_and_logs_are_one_line(finished, files_dm_truncated, tmp_path, monkeypatch, capsys):
+    """A checkpoint dict without 'model'; a non-object line in metrics.jsonl (dropped with a note); metrics.jsonl as
+    a directory; our own truncated checkpoint's hint does not name the conversion tool."""
+    out = copy_run(finished, tmp_path)
+    state = load(out / "ckpt_last.pt")
+    del state["model"]
+    torch.save(state, out / "ckpt_last.pt")
+    os.remove(out / "ckpt_last.pt.sha256")
+    code, _, err = run_pretrain(monkeypatch, capsys, out, 6)
+    assert_user_error(code, err, "holds no 'model' entry")
+    import shutil
+    shutil.copy(out / "ckpt_0000004.pt", out / "ckpt_last.pt")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n7\n")
+    code, _, err = run_pretrain(monkeypatch, capsys, out, 6)
+    assert code == 0 and "dropped 2 unreadable line(s)" in err, err[-2000:]
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+    os.remove(out / "metrics.jsonl")
+    os.mkdir(out / "metrics.jsonl")
+    code, _, err = run_pretrain(monkeypatch, capsys, out, 6)
+    assert_user_error(code, err, "metrics.jsonl is a directory")
+    with pytest.raises(rundir.UserError) as error:
+        rundir.load_checkpoint(files_dm_truncated)
+    assert "truncated or damaged" in str(error.value) and "official.py" not in str(error.value)
+
+
+@pytest.fixture
+def files_dm_truncated(finished, tmp_path):
+    blob = (finished / "ckpt_0000002.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(blob[:len(blob) // 2])
+    return str(tmp_path / "truncated.pt")
+
+
+def test_6_a_fresh_start_moves_the_old_log_away(finished, tmp_path, monkeypatch, capsys):
+    """The checkpoints moved away (the advice of a refused resume) but metrics.jsonl left: the fresh run's log starts
+    empty, the old one is kept as metrics.jsonl.old."""
+    out = copy_run(finished, tmp_path)
+    for name in os.listdir(out):
+        if name.startswith("ckpt_"):
+            os.remove(out / name)
+    code, _, err = run_pretrain(monkeypatch, capsys, out, 2)
+    assert code == 0 and "metrics.jsonl.old" in err, err[-2000:]
+    assert metrics_steps(out) == [1, 2]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl.old")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP])
+def test_3_sigusr1_sigusr2_and_sighup_save_and_exit_like_sigterm(signum, tmp_path, monkeypatch, capsys):
+    """#SBATCH --signal=USR1@120: a real SIGUSR1 (or SIGUSR2, SIGHUP) in step 3 saves step 3, releases the lock, exits
+    128 + signum; the rerun continues. (Were the signal not handled, the test's own handler fails the test instead of
+    the default action killing pytest.)"""
+    import trainlib
+    out, original = tmp_path / "run", trainlib.Meter.log
+    calls = []
+
+    def signalled(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signum)
+        return original(*a, **k)
+
+    def unhandled(s, frame):
+        raise AssertionError(f"{signal.Signals(s).name} was not handled by the run")
+    previous = signal.signal(signum, unhandled)
+    try:
+        monkeypatch.setattr(trainlib.Meter, "log", signalled)
+        code, _, err = run_pretrain(monkeypatch, capsys, out, 6, "--ckpt-every", 100)
+        monkeypatch.setattr(trainlib.Meter, "log", original)
+    finally:
+        signal.signal(signum, previous)
+    assert code == 128 + signum, err[-2000:]
+    assert f"{signal.Signals(signum).name}: stopped after step 3; {out}/ckpt_last.pt holds step 3" in err
+    assert not (out / ".lock").exists()
+    code, stdout, err = run_pretrain(monkeypatch, capsys, out, 6)
+    assert code == 0 and "at step 3" in stdout, err[-2000:]
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_5_skip_nonfinite_logs_null_and_a_skipped_count_and_stops_after_max_skipped(tmp_path, monkeypatch, capsys):
+    """An lr that makes every step after the first non-finite: windows of skipped steps log null losses and their
+    count (valid JSON: no bare NaN), and --max-skipped 3 skipped steps in a row stop the run (exit 2, one line)."""
+    out = tmp_path / "run"
+    code, _, err = run_pretrain(monkeypatch, capsys, out, 12, "--lr", 1e15, "--skip-nonfinite", "--max-skipped", 3)
+    assert_user_error(code, err, "3 steps in a row up to step")
+
+    def strict(value):
+        raise AssertionError(f"bare {value} in metrics.jsonl")
+    lines = [json.loads(line, parse_constant=strict) for line in open(out / "metrics.jsonl")]
+    skipped = [r for r in lines if r.get("skipped")]
+    assert skipped and all(r["loss"] is None and r["skipped"] == 1 for r in skipped)
+    assert len(lines) < 12 and load(out / "ckpt_last.pt")["step"] < 12
