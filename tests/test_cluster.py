@@ -467,3 +467,52 @@ def test_5_skip_nonfinite_logs_null_and_a_skipped_count_and_stops_after_max_skip
     skipped = [r for r in lines if r.get("skipped")]
     assert skipped and all(r["loss"] is None and r["skipped"] == 1 for r in skipped)
     assert len(lines) < 12 and load(out / "ckpt_last.pt")["step"] < 12
+
+
+BAD_VALUES = [      # finding 9 (accepted silently) and 10 (tracebacks): (script, flags, the error line says)
+    ("pretrain", ["--ctr-weight", 0, "--rc-weight", 0], "not both 0"),
+    ("pretrain", ["--rc-weight", -1], "must be >= 0 and not both 0"),
+    ("pretrain", ["--ctr-weight", "nan"], "--ctr-weight must be a finite number, got nan"),
+    ("pretrain", ["--lr", "inf"], "--lr must be a finite number, got inf"),
+    ("pretrain", ["--scales-start", 0], "need 1 <= start <= end"),
+    ("pretrain", ["--scales-start", 2000, "--scales-end", 1000], "need 1 <= start <= end"),
+    ("pretrain", ["--betas", 1.5, 0.9], "--betas must lie in [0, 1)"),
+    ("pretrain", ["--seed", 2 ** 70], "--seed must be below 2^63"),
+    ("pretrain", ["--batch-size", 1], "at least 2 images per forward"),
+    ("pretrain", ["--micro-batch", 1], "at least 2 images per forward"),
+    ("pretrain", ["--max-skipped", -1], "--max-skipped must be >= 0"),
+    ("diffusion", ["--lrd", 2], "--lrd must lie in (0, 1]"),
+    ("diffusion", ["--lrd", 0], "--lrd must lie in (0, 1]"),
+    ("diffusion", ["--freeze-encoder", "--lrd", 0.5], "--freeze-encoder trains no encoder layer"),
+    ("consistency", ["--from-scratch", "--init-diffusion", "dm.pt"], "--from-scratch and --init-diffusion exclude"),
+    ("consistency", ["--lr-milestones", 10, 5, "--lr-factors", 0.5, 0.1], "--lr-milestones must increase"),
+    ("consistency", ["--lr-milestones", -1, "--lr-factors", 0.5], "--lr-milestones must be >= 0"),
+    ("consistency", ["--lr-milestones", 1, "--lr-factors", -0.5], "--lr-factors > 0"),
+    ("consistency", ["--aux-weight", -1], "--aux-weight must be >= 0"),
+    ("consistency", ["--dropout", "nan"], "--dropout must be"),
+    ("sample", ["--cfg-interval", -10, -5], "--cfg-interval LO HI needs 0 <= LO < HI"),
+    ("sample", ["--cfg-interval", 5, 1], "--cfg-interval LO HI needs 0 <= LO < HI"),
+    ("sample", ["--mid-sigma", 1e9], "--mid-sigma must lie in the sampling range"),
+    ("sample", ["--mid-sigma", "nan"], "--mid-sigma must be a finite number"),
+    ("sample", ["--steps", 2000000000], "--steps must be at most"),
+    ("sample", ["--seed", 2 ** 70], "--seed must be below 2^63"),
+]
+
+
+@pytest.mark.parametrize("name,flags,expected", BAD_VALUES)
+def test_9_10_bad_values_are_refused_at_parse_time_in_one_line(name, flags, expected, tmp_path, monkeypatch, capsys):
+    import sample
+    import train_consistency
+    import train_diffusion
+    common = ["--model", "T", "--image-size", 16, "--batch-size", 4, "--steps", 2, "--device", "cpu",
+              "--out", tmp_path / "out"]
+    script, args = {
+        "pretrain": (pretrain, common + ["--probe-every", 0]),
+        "diffusion": (train_diffusion, common + ["--init", tmp_path / "rcm.pt", "--sample-every", 0]),
+        "consistency": (train_consistency, common + ["--init", tmp_path / "rcm.pt"]),
+        "sample": (sample, ["--ckpt", tmp_path / "dm.pt", "--num-samples", 2, "--device", "cpu", "--no-progress",
+                            "--out", tmp_path / "out"]),
+    }[name]
+    code, _, err = cli(monkeypatch, capsys, script, args + flags)
+    assert_user_error(code, err, expected)
+    assert not (tmp_path / "out").exists()                        # refused before anything is written
