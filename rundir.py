@@ -47,17 +47,21 @@ def cli_main(main, *user_errors):
     rank, local_rank = (os.environ.get(key, "0") for key in ("RANK", "LOCAL_RANK"))
     try:
         main()
-    except (UserError, *user_errors) as e:
+    except Preempted as e:
+        if rank == "0":
+            print(str(e), file=sys.stderr)
+        sys.exit(e.code)
+    except Exception as e:
+        if rank != "0" and dist.is_available() and dist.is_initialized() and _peer_gone(e):
+            sys.exit(1)                                 # another rank ended (and said why): no traceback here
+        if not isinstance(e, (UserError, *user_errors)):
+            raise
         from tqdm import tqdm
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()                                 # so that the message starts a line of its own
         if local_rank == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Preempted as e:
-        if rank == "0":
-            print(str(e), file=sys.stderr)
-        sys.exit(e.code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -68,6 +72,24 @@ def cli_main(main, *user_errors):
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
+
+
+def _peer_gone(e):
+    """Whether `e` is a collective that failed because another process of the group has gone."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset",
+                                                                   "Broken pipe", "gloo", "NCCL"))
+
+
+def reason(e):
+    """What an OSError (or torch.save's RuntimeError for a full disk) says, never "None"."""
+    if getattr(e, "strerror", None):
+        return e.strerror
+    if getattr(e, "errno", None):
+        return os.strerror(e.errno)
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def checked(fn, *args, context=""):
@@ -288,7 +310,20 @@ def write_atomically(path, write, mode="wb"):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise UserError(f"could not write '{path}' ({e.strerror}); free disk space or choose another --out") from None
+        raise UserError(f"could not write '{path}' ({reason(e)}); free disk space or choose another --out") from None
+
+
+def read_json(path, what="file"):
+    """The JSON object in `path`; UserError (one line) when it is empty, unreadable or not an object."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} {path} is unreadable ({reason(e) if isinstance(e, OSError) else 'not JSON'}); "
+                        f"delete it and rerun") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} {path} holds no JSON object; delete it and rerun")
+    return obj
 
 
 def write_json(path, obj):
@@ -344,9 +379,10 @@ def save_checkpoint(path, state):
     except (OSError, RuntimeError) as e:           # torch.save's zip writer reports a full disk as RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise UserError(f"could not write checkpoint '{path}' ({reason}); free disk space or choose another --out. "
-                        f"The previous checkpoint is intact.") from None
+        kept = ("The previous checkpoint is intact." if os.path.isfile(path) else
+                "No checkpoint of this run was written yet.")
+        raise UserError(f"could not write checkpoint '{path}' ({reason(e)}); free disk space or choose another --out. "
+                        f"{kept}") from None
     _remove_leftovers(path)
 
 
@@ -401,7 +437,8 @@ def _copy_checkpoint(src, dst):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise UserError(f"could not write checkpoint '{dst}' ({e.strerror}); free disk space or choose another --out")
+        raise UserError(f"could not write checkpoint '{dst}' ({reason(e)}); free disk space or choose another "
+                        f"--out") from None
 
 
 def resume_state(args, stage, log=print):
@@ -455,8 +492,30 @@ def resume_state(args, stage, log=print):
     return state
 
 
+def check_space(out, parts):
+    """UserError at the start, not at the first --ckpt-every, when OUT's filesystem cannot hold one more checkpoint of
+    `parts` (modules: their state; an AdamW optimiser: two moments per trained parameter)."""
+    need = 0
+    for part in parts.values():
+        if isinstance(part, torch.optim.Optimizer):
+            need += sum(2 * p.nbytes for group in part.param_groups for p in group["params"] if p.requires_grad)
+        elif isinstance(part, torch.nn.Module):
+            need += sum(t.nbytes for t in part.state_dict().values() if torch.is_tensor(t))
+    try:
+        stat = os.statvfs(out)
+    except OSError:
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if free < need:
+        raise UserError(f"'{out}' has {free / 2 ** 20:.1f} MB free, but one checkpoint of this run needs about "
+                        f"{need / 2 ** 20:.1f} MB; free disk space or choose another --out")
+
+
 def restore(resume, log, **parts):
-    """Load the resumed checkpoint's state dicts into `parts` (key = module or optimiser); -> its step (0 if none)."""
+    """Load the resumed checkpoint's state dicts into `parts` (key = module or optimiser); -> its step (0 if none).
+    First (rank 0, which holds OUT's lock) check that OUT has room for a checkpoint of `parts` (check_space)."""
+    for lock, _ in _LOCKS:
+        check_space(os.path.dirname(lock), parts)
     if resume is None:
         return 0
     for key, part in parts.items():
@@ -582,7 +641,7 @@ def append_line(path, line):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, end)
-        raise UserError(f"could not write '{path}' ({e.strerror}); free disk space and rerun the same command: it "
+        raise UserError(f"could not write '{path}' ({reason(e)}); free disk space and rerun the same command: it "
                         f"resumes from its last checkpoint") from None
     finally:
         os.close(fd)

@@ -232,15 +232,24 @@ def main():
     num_chunks = math.ceil(args.num_samples / args.batch_size)
     path = lambda c: os.path.join(chunks, f"{c:06d}.npy")                                 # noqa: E731
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "device", "no_progress")}
+    settings = json.loads(json.dumps(settings))
+    final, final_settings = os.path.join(args.out, "samples.npz"), os.path.join(args.out, "settings.json")
+    if os.path.isfile(final) and os.path.isfile(final_settings):          # every rank: the same files
+        if rundir.read_json(final_settings, "the settings record") != settings:
+            raise rundir.UserError(f"{final} was drawn with other settings ({final_settings}); use another --out, "
+                                   f"or delete {final} to draw it again")
+        env.log(f"already complete: {final} holds the {args.num_samples} images of these settings; nothing to do")
+        return
     if env.main:
         rundir.prepare_output(args.out)
         os.makedirs(chunks, exist_ok=True)
         recorded = os.path.join(chunks, "settings.json")
         if os.path.isfile(recorded):
-            with open(recorded) as f:
-                if json.load(f) != json.loads(json.dumps(settings)):
-                    raise rundir.UserError(f"{chunks} holds chunks of a sampling run with other settings; rerun "
-                                             f"that command to finish it, or use another --out")
+            if rundir.read_json(recorded, "the chunks' settings record") != settings:
+                raise rundir.UserError(f"{chunks} holds chunks of a sampling run with other settings; rerun "
+                                       f"that command to finish it, or use another --out")
+        elif os.path.isfile(final):
+            print(f"note: {final} has no settings record; drawing it again", file=sys.stderr)
         rundir.write_json(recorded, settings)
         for c in range(num_chunks):              # a chunk that a crash cut short (no fsync) is drawn again
             rows = min(args.batch_size, args.num_samples - c * args.batch_size)
@@ -286,8 +295,10 @@ def main():
         if args.png:
             from PIL import Image
             os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-            for i, image in enumerate(images):
-                Image.fromarray(image).save(os.path.join(args.out, "images", f"{i:06d}.png"))
+            for i, image in enumerate(images):                  # atomic: no empty PNG under its name on a full disk
+                rundir.write_atomically(os.path.join(args.out, "images", f"{i:06d}.png"),
+                                        lambda f: Image.fromarray(image).save(f, format="PNG"))
+        rundir.write_json(final_settings, settings)             # beside samples.npz: a rerun is "already complete"
         shutil.rmtree(chunks)
         guidance = f", CFG {args.cfg_scale} on ({args.cfg_interval[0]}, {args.cfg_interval[1]}]" \
             if args.cfg_scale != 1.0 else ""

@@ -516,3 +516,103 @@ def test_9_10_bad_values_are_refused_at_parse_time_in_one_line(name, flags, expe
     code, _, err = cli(monkeypatch, capsys, script, args + flags)
     assert_user_error(code, err, expected)
     assert not (tmp_path / "out").exists()                        # refused before anything is written
+
+
+# ---- findings 11, 12, 13: sampling after completion, full disks, malformed records ----
+from test_reliability import files, fill, small_disk  # noqa: E402,F401  (files: the module's checkpoints)
+
+
+def run_sample(monkeypatch, capsys, files, out, *extra):
+    import sample
+    return cli(monkeypatch, capsys, sample, ["--ckpt", files["dm"], "--num-samples", 2, "--steps", 2, "--device", "cpu",
+                                             "--no-progress", "--out", out, *extra])
+
+
+def test_11_sampling_after_completion_is_already_complete_and_other_settings_never_overwrite(files, tmp_path,
+                                                                                          monkeypatch, capsys):
+    out = tmp_path / "s"
+    code, _, err = run_sample(monkeypatch, capsys, files, out)
+    assert code == 0, err[-2000:]
+    before = snapshot(out)
+    assert "settings.json" in before
+    code, stdout, err = run_sample(monkeypatch, capsys, files, out)
+    assert code == 0 and "already complete" in stdout, err[-2000:]
+    code, _, err = run_sample(monkeypatch, capsys, files, out, "--seed", 1)
+    assert_user_error(code, err, "was drawn with other settings")
+    assert snapshot(out) == before
+
+
+def test_13_an_empty_settings_record_is_one_line(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "s"
+    (out / "chunks").mkdir(parents=True)
+    (out / "chunks" / "settings.json").write_text("")
+    code, _, err = run_sample(monkeypatch, capsys, files, out)
+    assert_user_error(code, err, "settings record")
+    assert "unreadable" in err
+
+
+def test_12_a_disk_smaller_than_one_checkpoint_is_found_at_the_start(tmp_path, monkeypatch, capsys):
+    """A real 6 MB tmpfs under a run whose checkpoint needs ~19 MB: one line before the first step, which does not
+    claim that a previous checkpoint is intact."""
+    with small_disk(tmp_path / "disk", "6m") as disk:
+        code, _, err = run_pretrain(monkeypatch, capsys, disk / "run", 4, "--ckpt-every", 100)
+        assert_user_error(code, err, "MB free, but one checkpoint of this run needs about")
+        assert "intact" not in err and not (disk / "run" / "metrics.jsonl").exists()
+
+
+def test_12_png_and_chunks_on_a_full_disk_are_one_line_and_no_empty_file(files, tmp_path, monkeypatch, capsys):
+    """sample.py --png when the disk fills up after samples.npz: one line naming the reason, no 0-byte PNG under its
+    final name; a chunk that meets a full disk names the reason too, never '(None)'."""
+    import data
+    import sample
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        grid = data.class_grid
+
+        def grid_then_full(*a, **k):
+            grid(*a, **k)
+            fill(disk)
+        monkeypatch.setattr(data, "class_grid", grid_then_full)
+        code, _, err = run_sample(monkeypatch, capsys, files, disk / "s", "--png")
+        monkeypatch.setattr(data, "class_grid", grid)
+        assert_user_error(code, err, "(No space left on device)")
+        images = disk / "s" / "images"
+        assert all(os.path.getsize(images / name) > 0 for name in os.listdir(images) if name.endswith(".png"))
+        assert not [name for name in os.listdir(images) if ".tmp-" in name]
+        os.remove(disk / "filler")
+        generate = sample.generate
+
+        def full_then_generate(*a, **k):
+            fill(disk)
+            return generate(*a, **k)
+        monkeypatch.setattr(sample, "generate", full_then_generate)
+        code, _, err = run_sample(monkeypatch, capsys, files, disk / "t")
+        assert_user_error(code, err, "(No space left on device)")
+        assert "None" not in err
+
+
+PEER_GONE = """
+import sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import rundir, trainlib
+
+def main():
+    trainlib.init_distributed("cpu")
+    if dist.get_rank() == 0:
+        raise rundir.UserError("rank 0 stops")
+    dist.barrier()
+rundir.cli_main(main)
+"""
+
+
+def test_12_when_rank_0_stops_with_one_line_the_other_rank_adds_no_traceback(tmp_path):
+    """Two gloo processes; rank 0 ends with a user error while rank 1 waits in a collective: rank 1's collective fails
+    (a real lost peer) and it exits quietly, so that the log holds rank 0's one line only."""
+    from conftest import free_port
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", PEER_GONE.format(root=ROOT)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": "0"}, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert procs[0].returncode == 2 and errs[0].strip() == "error: rank 0 stops", errs[0]
+    assert procs[1].returncode == 1 and "Traceback" not in errs[1], errs[1][-3000:]
