@@ -552,9 +552,33 @@ def load_init(args):
     return load_checkpoint(args.init, "pretrain") if args.init else None
 
 
+# config keys that identify a network the run depends on by its weights' sha256 (weights_id), not by a path that may
+# change: {key: what it is and where it comes from}
+IDENTITIES = {"aux_weights": "the auxiliary network W of eq. 9 (--aux-ckpt, else --init)"}
+
+
+def weights_id(state_dict):
+    """sha256 of a state dict's names and tensor bytes: the identity of a network, whatever file it was read from."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if torch.is_tensor(t):
+            digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def check_resume(saved, current, may_change, steps_fixed=False):
-    """Refuse to resume when a config key outside `may_change` differs (and --steps where a schedule depends on it)."""
-    keys = [k for k in current if k not in may_change and k != "data_id"] + (["steps"] if steps_fixed else [])
+    """Refuse to resume when a config key outside `may_change` differs (and --steps where a schedule depends on it),
+    or a network of IDENTITIES is another one than the run was trained with (a checkpoint of an older version, which
+    has no record, is not checked)."""
+    for key, what in IDENTITIES.items():
+        if saved.get(key) is not None and saved.get(key) != current.get(key):
+            raise UserError(f"cannot resume: {what} is not the one this run was trained with (weights sha256 "
+                            f"{str(current.get(key))[:12]}, the checkpoint records {saved[key][:12]}); pass the "
+                            f"checkpoint the run started with, or use another --out")
+    keys = [k for k in current if k not in may_change and k != "data_id" and k not in IDENTITIES] + \
+        (["steps"] if steps_fixed else [])
     diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current.get(k)} (now)"
              for k in keys if saved.get(k) != current.get(k)]
     if saved.get("data_id") != current.get("data_id"):

@@ -151,7 +151,8 @@ def main(argv=None):
     config = {**{k: v for k, v in vars(args).items() if k not in ("device", "num_workers", "compile")},
               "stage": "consistency", "num_classes": num_classes, "patch_size": patch_size,
               "sigma_min_shifted": sigma_min, "aux_active": W is not None, "data_id": data.identity(dataset),
-              "class_counts": data.class_counts(dataset)}
+              "class_counts": data.class_counts(dataset),
+              "aux_weights": rundir.weights_id(W.state_dict()) if W is not None else None}      # W's identity
     if resume is not None:
         rundir.check_resume(resume["config"], config, trainlib.MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")
     model.to(device)

@@ -616,3 +616,30 @@ def test_12_when_rank_0_stops_with_one_line_the_other_rank_adds_no_traceback(tmp
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert procs[0].returncode == 2 and errs[0].strip() == "error: rank 0 stops", errs[0]
     assert procs[1].returncode == 1 and "Traceback" not in errs[1], errs[1][-3000:]
+
+
+def test_4_a_consistency_run_refuses_to_resume_against_another_auxiliary_network(files, tmp_path, monkeypatch,
+                                                                                capsys):
+    """The pre-training run behind --init moves on (its ckpt_last.pt is replaced by later weights) while a
+    consistency run is requeued: its resume is refused in one line instead of training against another W. The same
+    W under another path (a copy on scratch) resumes."""
+    import shutil
+    import models
+    import train_consistency
+    init = tmp_path / "rcm" / "ckpt_last.pt"
+    init.parent.mkdir()
+    shutil.copy(files["rcm16"], init)
+    args = ["--model", "T", "--image-size", 16, "--batch-size", 4, "--device", "cpu", "--log-every", 1,
+            "--ckpt-every", 1, "--out", tmp_path / "cm"]
+    code, _, err = cli(monkeypatch, capsys, train_consistency, args + ["--steps", 2, "--init", init])
+    assert code == 0, err[-2000:]
+    before = snapshot(tmp_path / "cm")
+    torch.manual_seed(7)                                         # the pre-training run has moved on
+    rundir.save_checkpoint(str(init), {"stage": "pretrain", "config": {"model": "T", "image_size": 16,
+                                                                       "normalize": "simple"},
+                                       "step": 9, "model": models.build_rcm("T", 16).state_dict()})
+    code, _, err = cli(monkeypatch, capsys, train_consistency, args + ["--steps", 3, "--init", init])
+    assert_user_error(code, err, "the auxiliary network W of eq. 9 (--aux-ckpt, else --init) is not the one")
+    assert snapshot(tmp_path / "cm") == before
+    code, stdout, err = cli(monkeypatch, capsys, train_consistency, args + ["--steps", 3, "--init", files["rcm16"]])
+    assert code == 0 and "at step 2" in stdout, err[-2000:]
