@@ -96,8 +96,8 @@ def parse_args(argv=None):
     if len(args.lr_milestones) != len(args.lr_factors):
         raise rundir.UserError(f"--lr-milestones has {len(args.lr_milestones)} values but --lr-factors "
                                  f"{len(args.lr_factors)}; give one factor per milestone")
-    if any(m < 0 for m in args.lr_milestones) or any(f <= 0 for f in args.lr_factors):
-        raise rundir.UserError(f"--lr-milestones must be >= 0 and --lr-factors > 0, got "
+    if any(m < 0 for m in args.lr_milestones) or any(f < 0 for f in args.lr_factors):
+        raise rundir.UserError(f"--lr-milestones and --lr-factors must be >= 0, got "
                                f"{' '.join(map(str, args.lr_milestones))} and {' '.join(map(str, args.lr_factors))}")
     args.lr_milestones = [round(m * args.steps) if m < 1 else int(m) for m in args.lr_milestones]
     if args.lr_milestones != sorted(set(args.lr_milestones)):
