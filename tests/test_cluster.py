@@ -15,7 +15,8 @@ import torch
 
 import pretrain
 import rundir
-from test_reliability import ENV, ROOT, assert_user_error, cli, load, metrics_steps, one_thread, snapshot  # noqa
+from test_reliability import (ENV, ROOT, assert_user_error, cli, files, fill, load, metrics_steps,  # noqa: F401
+                              one_thread, small_disk, snapshot)                       # files, one_thread: fixtures
 
 PRETRAIN = ["--model", "T", "--image-size", 16, "--batch-size", 4, "--steps", 2, "--device", "cpu", "--log-every", 1,
             "--probe-every", 0]
@@ -180,24 +181,23 @@ def test_a_malformed_lock_is_one_line_or_taken_over(kind, tmp_path, capsys):
 # Finding 2: a training run frozen past its lease never trains beside its successor
 # ----------------------------------------------------------------------------------------------------------------
 @needs_unshare
-def test_a_run_frozen_past_its_lease_stops_without_writing_when_it_wakes(tmp_path):
-    """pretrain.py is frozen (SIGSTOP) past its 2 s lease; the same command on host 'other' (no job id) watches the
-    lease, takes OUT over and finishes; woken (SIGCONT), the first run stops with one line and exit 2, and
+def test_a_run_frozen_past_its_lease_stops_without_writing_when_it_wakes(tmp_path, monkeypatch, capsys):
+    """pretrain.py on host 'other' is frozen (SIGSTOP) past its 2 s lease; the same command here (no job id) watches
+    the lease, takes OUT over and finishes; woken (SIGCONT), the first run stops with one line and exit 2, and
     metrics.jsonl holds each step once."""
-    out, steps = tmp_path / "out", 8
-    args = [sys.executable, "pretrain.py", *map(str, PRETRAIN + ["--steps", steps, "--ckpt-every", 1, "--out", out])]
-    env = {**ENV, "EPG_LOCK_STALE_S": "2"}
-    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, steps = tmp_path / "out", 6
+    args = PRETRAIN + ["--steps", steps, "--ckpt-every", 1, "--out", out]
+    monkeypatch.setenv("EPG_LOCK_STALE_S", "2")
+    first = on_other_host([sys.executable, "pretrain.py", *args], {"EPG_LOCK_STALE_S": "2"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and first.poll() is None and not (
             (out / "metrics.jsonl").exists() and len(metrics_steps(out)) >= 2):
         time.sleep(0.01)
     first.send_signal(signal.SIGSTOP)
     try:
-        second = on_other_host(args, {"EPG_LOCK_STALE_S": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-        _, err2 = second.communicate(timeout=120)
-        assert second.returncode == 0 and "taking over the lock of host" in err2, err2[-2000:]
+        code, _, err = cli(monkeypatch, capsys, pretrain, args)
+        assert code == 0 and "taking over the lock of host other" in err, err[-2000:]
     finally:
         first.send_signal(signal.SIGCONT)
     _, err1 = first.communicate(timeout=120)
@@ -246,7 +246,7 @@ def test_two_nodes_equal_one_node_bitwise_and_a_sigterm_to_one_agent_resumes_on_
     a SIGTERM to one agent mid-run saves the step reached (exit 143), no FutureWarning is printed, and the same
     command on one node with one process resumes from that checkpoint and ends where the 2-process run ends."""
     from conftest import free_port
-    steps = 12
+    steps = 8
     args = [*map(str, PRETRAIN + ["--steps", steps, "--ckpt-every", 1000])]
     result = run_torchrun(2, "pretrain.py", *args, "--out", tmp_path / "one_node")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -519,7 +519,6 @@ def test_9_10_bad_values_are_refused_at_parse_time_in_one_line(name, flags, expe
 
 
 # ---- findings 11, 12, 13: sampling after completion, full disks, malformed records ----
-from test_reliability import files, fill, small_disk  # noqa: E402,F401  (files: the module's checkpoints)
 
 
 def run_sample(monkeypatch, capsys, files, out, *extra):
