@@ -379,7 +379,8 @@ def save_checkpoint(path, state):
     except (OSError, RuntimeError) as e:           # torch.save's zip writer reports a full disk as RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        kept = ("The previous checkpoint is intact." if os.path.isfile(path) else
+        last = os.path.join(os.path.dirname(path), "ckpt_last.pt")
+        kept = ("The previous checkpoint is intact." if os.path.isfile(path) or os.path.isfile(last) else
                 "No checkpoint of this run was written yet.")
         raise UserError(f"could not write checkpoint '{path}' ({reason(e)}); free disk space or choose another --out. "
                         f"{kept}") from None
@@ -427,8 +428,9 @@ def _copy_checkpoint(src, dst):
     fence(dst)
     tmp, digest = _tmp(dst), hashlib.sha256()
     try:
-        with open(src, "rb") as f:
-            _write_synced(tmp, lambda out: _Hashing(out, digest).write(f.read()))
+        with open(src, "rb") as f:                 # in 16 MB pieces: a paper-scale checkpoint is ~10 GB
+            _write_synced(tmp, lambda out: [_Hashing(out, digest).write(piece)
+                                            for piece in iter(lambda: f.read(1 << 24), b"")])
         _record_digests(dst, _recorded_digests(dst) + [digest.hexdigest()])
         if os.path.islink(dst):
             os.remove(dst)
