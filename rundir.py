@@ -418,6 +418,18 @@ def load_checkpoint(path, stage=None, mmap=False):
     return state
 
 
+def checkpoint_id(path):
+    """What tells one state of a checkpoint file from another: the sha256 that its record names, else its size and
+    modification time (e.g. "" for a file that does not exist; load_checkpoint says why)."""
+    recorded = _recorded_digests(path)
+    if len(recorded) == 1:
+        return recorded[0]
+    with contextlib.suppress(OSError):
+        stat = os.stat(path)
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+    return ""
+
+
 def _file_digest(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

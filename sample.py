@@ -232,12 +232,16 @@ def main():
     num_chunks = math.ceil(args.num_samples / args.batch_size)
     path = lambda c: os.path.join(chunks, f"{c:06d}.npy")                                 # noqa: E731
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "device", "no_progress")}
-    settings = json.loads(json.dumps(settings))
+    settings = json.loads(json.dumps({**settings, "ckpt_id": rundir.checkpoint_id(args.ckpt)}))
     final, final_settings = os.path.join(args.out, "samples.npz"), os.path.join(args.out, "settings.json")
     if os.path.isfile(final) and os.path.isfile(final_settings):          # every rank: the same files
-        if rundir.read_json(final_settings, "the settings record") != settings:
-            raise rundir.UserError(f"{final} was drawn with other settings ({final_settings}); use another --out, "
-                                   f"or delete {final} to draw it again")
+        recorded = rundir.read_json(final_settings, "the settings record")
+        if recorded != settings:
+            diffs = [("the --ckpt file changed" if k == "ckpt_id" else f"--{k.replace('_', '-')} {recorded.get(k)} "
+                      f"(then) vs {settings.get(k)} (now)") for k in {**recorded, **settings}
+                     if recorded.get(k) != settings.get(k)]
+            raise rundir.UserError(f"{final} was drawn with other settings ({'; '.join(sorted(diffs))}); use another "
+                                   f"--out, or delete {final} to draw it again")
         env.log(f"already complete: {final} holds the {args.num_samples} images of these settings; nothing to do")
         return
     if env.main:

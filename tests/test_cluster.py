@@ -645,3 +645,21 @@ def test_4_a_consistency_run_refuses_to_resume_against_another_auxiliary_network
     assert snapshot(tmp_path / "cm") == before
     code, stdout, err = cli(monkeypatch, capsys, train_consistency, args + ["--steps", 3, "--init", files["rcm16"]])
     assert code == 0 and "at step 2" in stdout, err[-2000:]
+
+
+def test_11_a_retrained_checkpoint_under_the_same_path_is_not_already_complete(files, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The run behind --ckpt moved on (its ckpt_last.pt was rewritten): the finished samples.npz is not 'already
+    complete' for it; the rerun is refused with what changed."""
+    import shutil
+    ckpt = tmp_path / "dm" / "ckpt_last.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(files["dm"], ckpt)
+    shutil.copy(files["dm"] + ".sha256", str(ckpt) + ".sha256")
+    out, files = tmp_path / "s", {"dm": str(ckpt)}
+    code, _, err = run_sample(monkeypatch, capsys, files, out)
+    assert code == 0, err[-2000:]
+    state = load(ckpt)
+    rundir.save_checkpoint(str(ckpt), {**state, "step": state["step"] + 1})
+    code, _, err = run_sample(monkeypatch, capsys, files, out)
+    assert_user_error(code, err, "was drawn with other settings (the --ckpt file changed)")
