@@ -18,6 +18,17 @@ import rundir
 from test_reliability import (ENV, ROOT, assert_user_error, cli, files, fill, load, metrics_steps,  # noqa: F401
                               one_thread, small_disk, snapshot)                       # files, one_thread: fixtures
 
+JOB_VARS = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")                # the tests say which job they run in
+ENV = {k: v for k, v in ENV.items() if k not in JOB_VARS}
+
+
+@pytest.fixture(autouse=True)
+def no_scheduler_job(monkeypatch):
+    """Tests run inside a SLURM job (a CI runner) behave as outside one unless they set a job id themselves."""
+    for key in JOB_VARS:
+        monkeypatch.delenv(key, raising=False)
+
+
 PRETRAIN = ["--model", "T", "--image-size", 16, "--batch-size", 4, "--steps", 2, "--device", "cpu", "--log-every", 1,
             "--probe-every", 0]
 

@@ -642,6 +642,8 @@ def test_a_lock_of_another_node_holds_while_its_lease_is_renewed_and_is_taken_ov
     if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode:
         pytest.skip("a second host name needs unshare --uts (root)")
     monkeypatch.setenv("EPG_LOCK_STALE_S", "1")                   # renewed every 0.2 s
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):           # not the same job (inside a SLURM CI job)
+        monkeypatch.delenv(key, raising=False)
     out, lock = tmp_path / "out", tmp_path / "out" / ".lock"
     holder = subprocess.Popen(["unshare", "--uts", "sh", "-c", 'hostname other && exec "$@"', "sh", sys.executable,
                                "-c", HOLDER.format(root=ROOT, out=str(out))], stdout=subprocess.PIPE, text=True)
