@@ -135,8 +135,18 @@ def sync_batchnorm(module, env):
 
 
 def parse_args(argv=None):
-    return trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES, positive=POSITIVE, non_negative=NON_NEGATIVE,
+    args = trainlib.parse(__file__, CONFIG, PRESETS, argv, CHOICES, positive=POSITIVE, non_negative=NON_NEGATIVE,
                           fraction=FRACTION)
+    if min(args.ctr_weight, args.rc_weight) < 0 or args.ctr_weight == args.rc_weight == 0:
+        raise rundir.UserError(f"--ctr-weight and --rc-weight must be >= 0 and not both 0, got {args.ctr_weight} and "
+                               f"{args.rc_weight}")
+    if not 1 <= args.scales_start <= args.scales_end:
+        raise rundir.UserError(f"--scales-start and --scales-end need 1 <= start <= end, got {args.scales_start} and "
+                               f"{args.scales_end}")
+    if min(args.batch_size, args.micro_batch or args.batch_size) < 2:
+        raise rundir.UserError("BatchNorm (the projector's) needs at least 2 images per forward: use --batch-size and "
+                               "--micro-batch >= 2")
+    return args
 
 
 def main(argv=None):
@@ -144,6 +154,9 @@ def main(argv=None):
     env = trainlib.init_distributed(args.device)
     device, log = env.device, env.log
     local_batch, micro, accum = trainlib.split_batch(args.batch_size, env.world, args.micro_batch)
+    if micro < 2:
+        raise rundir.UserError(f"BatchNorm (the projector's) needs at least 2 images per forward, but each of the "
+                               f"{env.world} processes gets {micro}; use a larger --batch-size or --micro-batch")
     patch_size = rundir.checked(models.patch_size_for, args.model, args.image_size)
     lr = args.lr * args.batch_size / BASE_BATCH                                   # linear scaling rule (B.2)
     shift = losses.resolution_shift(args.image_size)                              # s = image_size / 64 (Table 9)

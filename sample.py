@@ -112,6 +112,9 @@ def load_generator(path, weights="ema"):
     return model.eval().requires_grad_(False), cfg, stage
 
 
+MAX_STEPS = 100_000            # sampling steps beyond this are a typo, not a sampler
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images from an EPG diffusion or consistency checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -146,8 +149,19 @@ def parse_args(argv=None):
             raise rundir.UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.seed < 0:
         raise rundir.UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
-        raise rundir.UserError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    for flag in ("cfg_scale", "mid_sigma"):
+        if getattr(args, flag) is not None and not math.isfinite(getattr(args, flag)):
+            raise rundir.UserError(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
+    if args.steps is not None and args.steps > MAX_STEPS:
+        raise rundir.UserError(f"--steps must be at most {MAX_STEPS}, got {args.steps}")
+    if args.seed >= 2 ** 63:
+        raise rundir.UserError(f"--seed must be below 2^63, got {args.seed}")
+    if args.cfg_interval is not None and not 0 <= args.cfg_interval[0] < args.cfg_interval[1]:
+        raise rundir.UserError(f"--cfg-interval LO HI needs 0 <= LO < HI, got {args.cfg_interval[0]} "
+                               f"{args.cfg_interval[1]}")
+    if not losses.SIGMA_MIN < args.mid_sigma < losses.SIGMA_MAX:
+        raise rundir.UserError(f"--mid-sigma must lie in the sampling range ({losses.SIGMA_MIN}, {losses.SIGMA_MAX}), "
+                               f"got {args.mid_sigma}")
     return args
 
 
@@ -192,15 +206,28 @@ def main():
     num_chunks = math.ceil(args.num_samples / args.batch_size)
     path = lambda c: os.path.join(chunks, f"{c:06d}.npy")                                 # noqa: E731
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "png", "device", "no_progress", "bounds")}
+    settings = json.loads(json.dumps({**settings, "ckpt_id": rundir.checkpoint_id(args.ckpt)}))
+    final, final_settings = os.path.join(args.out, "samples.npz"), os.path.join(args.out, "settings.json")
+    if os.path.isfile(final) and os.path.isfile(final_settings):          # every rank: the same files
+        recorded = rundir.read_json(final_settings, "the settings record")
+        if recorded != settings:
+            diffs = [("the --ckpt file changed" if k == "ckpt_id" else f"--{k.replace('_', '-')} {recorded.get(k)} "
+                      f"(then) vs {settings.get(k)} (now)") for k in {**recorded, **settings}
+                     if recorded.get(k) != settings.get(k)]
+            raise rundir.UserError(f"{final} was drawn with other settings ({'; '.join(sorted(diffs))}); use another "
+                                   f"--out, or delete {final} to draw it again")
+        env.log(f"already complete: {final} holds the {args.num_samples} images of these settings; nothing to do")
+        return
     if env.main:
         rundir.prepare_output(args.out)
         os.makedirs(chunks, exist_ok=True)
         recorded = os.path.join(chunks, "settings.json")
         if os.path.isfile(recorded):
-            with open(recorded) as f:
-                if json.load(f) != json.loads(json.dumps(settings)):
-                    raise rundir.UserError(f"{chunks} holds chunks of a sampling run with other settings; rerun "
-                                             f"that command to finish it, or use another --out")
+            if rundir.read_json(recorded, "the chunks' settings record") != settings:
+                raise rundir.UserError(f"{chunks} holds chunks of a sampling run with other settings; rerun "
+                                       f"that command to finish it, or use another --out")
+        elif os.path.isfile(final):
+            print(f"note: {final} has no settings record; drawing it again", file=sys.stderr)
         rundir.write_json(recorded, settings)
         for c in range(num_chunks):              # a chunk that a crash cut short (no fsync) is drawn again
             rows = min(args.batch_size, args.num_samples - c * args.batch_size)
@@ -246,8 +273,10 @@ def main():
         if args.png:
             from PIL import Image
             os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-            for i, image in enumerate(images):
-                Image.fromarray(image).save(os.path.join(args.out, "images", f"{i:06d}.png"))
+            for i, image in enumerate(images):                  # atomic: no empty PNG under its name on a full disk
+                rundir.write_atomically(os.path.join(args.out, "images", f"{i:06d}.png"),
+                                        lambda f: Image.fromarray(image).save(f, format="PNG"))
+        rundir.write_json(final_settings, settings)             # beside samples.npz: a rerun is "already complete"
         shutil.rmtree(chunks)
         guidance = f", CFG {args.cfg_scale} on ({args.cfg_interval[0]}, {args.cfg_interval[1]}]" \
             if args.cfg_scale != 1.0 else ""

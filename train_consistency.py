@@ -114,7 +114,18 @@ def parse_args(argv=None):
     if len(args.lr_milestones) != len(args.lr_factors):
         raise rundir.UserError(f"--lr-milestones has {len(args.lr_milestones)} values but --lr-factors "
                                  f"{len(args.lr_factors)}; give one factor per milestone")
+    if any(m < 0 for m in args.lr_milestones) or any(f < 0 for f in args.lr_factors):
+        raise rundir.UserError(f"--lr-milestones and --lr-factors must be >= 0, got "
+                               f"{' '.join(map(str, args.lr_milestones))} and {' '.join(map(str, args.lr_factors))}")
     args.lr_milestones = [round(m * args.steps) if m < 1 else int(m) for m in args.lr_milestones]
+    if args.lr_milestones != sorted(set(args.lr_milestones)):
+        raise rundir.UserError(f"--lr-milestones must increase (in steps), got "
+                               f"{' '.join(map(str, args.lr_milestones))}")
+    if args.aux_weight < 0:
+        raise rundir.UserError(f"--aux-weight must be >= 0, got {args.aux_weight}")
+    if args.from_scratch and args.init_diffusion:
+        raise rundir.UserError("--from-scratch and --init-diffusion exclude each other (--init-diffusion sets the "
+                               "whole network); pass one of them")
     return args
 
 
@@ -165,6 +176,7 @@ def main(argv=None):
               "stage": "consistency", "num_classes": num_classes, "patch_size": patch_size,
               "sigma_min_shifted": sigma_min, "aux_active": W is not None, "data_id": data.identity(dataset),
               "class_counts": data.class_counts(dataset), "code": trainlib.code_fingerprint(__file__),
+              "aux_weights": rundir.weights_id(W.state_dict()) if W is not None else None,     # W's identity
               "init_flops": init_flops,
               "train_flops": args.batch_size * models.train_flops_per_image("consistency", args.model, args.image_size)}
     if resume is not None:

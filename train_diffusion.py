@@ -106,6 +106,9 @@ def parse_args(argv=None):
     if not 0 < args.lrd <= 1:
         raise rundir.UserError(f"--lrd must be in (0, 1] (1: no decay, Table 13: 0.5), got {args.lrd}; "
                                f"--freeze-encoder keeps the encoder fixed")
+    if args.freeze_encoder and args.lrd != 1:
+        raise rundir.UserError(f"--freeze-encoder trains no encoder layer, so --lrd {args.lrd} would do nothing; drop "
+                               f"one of them")
     if len(args.eval_cfg_interval) not in (0, 2) or args.eval_cfg_interval[:1] >= args.eval_cfg_interval[1:] != []:
         raise rundir.UserError(f"--eval-cfg-interval takes LO HI with LO < HI, got {args.eval_cfg_interval}")
     return args

@@ -37,9 +37,10 @@ RUN = dict(                    # flags of every training script that do not chan
                                # CUDA
     skip_nonfinite=False,      # skip optimiser steps whose loss or gradient is NaN/inf instead of stopping (a host
                                # sync per step)
+    max_skipped=100,           # with --skip-nonfinite: stop after this many skipped steps in a row (0: never)
 )
 EMBEDDED = "shapes"            # --data shapes: the embedded data set of shapes.py, at any size
-RUN_TYPES = dict(micro_batch=int, num_workers=int, compile=bool)
+RUN_TYPES = dict(micro_batch=int, num_workers=int, compile=bool, max_skipped=int)
 RUN_POSITIVE, RUN_NON_NEGATIVE = ("micro_batch",), ("seed", "num_workers")   # each script declares its CONFIG's ranges
 CODE = ("models.py", "losses.py", "data.py", "trainlib.py", "rundir.py")      # hashed with the stage's script
 
@@ -98,14 +99,31 @@ def parse(path, config, presets, argv=None, choices=None, types=None, positive=(
         and not ok(getattr(args, k))]
     if bad:
         raise rundir.UserError("; ".join(bad))
-    if len(getattr(args, "betas", (0, 0))) != 2:
-        raise rundir.UserError(f"--betas takes two values (beta1 beta2), got {args.betas}")
+    check_values(args)
     if args.data is None and args.model != "T":
-        raise rundir.UserError(f"--model {args.model} trains on ImageNet: pass --data DIR, a folder of class "
+        raise rundir.UserError(f"--model {args.model} trains on ImageFolder data: pass --data DIR, a folder of class "
                                f"sub-folders prepared once with `python tools/prepare.py SRC DIR --image-size "
                                f"{args.image_size}` (or --data {EMBEDDED} for the embedded toy data set at this size)")
     args.data = None if args.data == EMBEDDED else args.data             # None: the embedded data set from here on
     return args
+
+
+def check_values(args):
+    """What no flag may hold: nan/inf in a float flag, --betas outside [0, 1), a seed beyond 2^63, a negative
+    --max-skipped."""
+    for key, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise rundir.UserError(f"--{key.replace('_', '-')} must be a finite number, got {v}")
+    betas = getattr(args, "betas", (0, 0))
+    if len(betas) != 2:
+        raise rundir.UserError(f"--betas takes two values (beta1 beta2), got {betas}")
+    if not all(0 <= b < 1 for b in betas):
+        raise rundir.UserError(f"--betas must lie in [0, 1), got {' '.join(map(str, betas))}")
+    if getattr(args, "seed", 0) >= 2 ** 63:
+        raise rundir.UserError(f"--seed must be below 2^63, got {args.seed}")
+    if getattr(args, "max_skipped", 0) < 0:
+        raise rundir.UserError(f"--max-skipped must be >= 0, got {args.max_skipped}")
 
 
 
@@ -342,15 +360,24 @@ class Meter:
     def __init__(self, args, env, names, resume_step=0, desc="train"):
         self.path, self.env, self.names, self.args = os.path.join(args.out, "metrics.jsonl"), env, names, args
         self.sums, self.count = torch.zeros(len(names), device=env.device), 0
-        self.t0, self.images = time.perf_counter(), 0
+        self.t0, self.images, self.added, self.steps, self.skipped_in_a_row = time.perf_counter(), 0, False, 0, 0
+        if env.main and os.path.isdir(self.path):
+            raise rundir.UserError(f"{self.path} is a directory; move it away (the metrics log is a file)")
+        if env.main and not resume_step and os.path.isfile(self.path):      # a fresh start: never append to it
+            rundir.fence(self.path)
+            os.replace(self.path, self.path + ".old")
+            print(f"note: a fresh start: the old {self.path} was moved to {self.path}.old", file=sys.stderr)
         if env.main and resume_step and os.path.isfile(self.path):
             kept, torn = [], 0
             with open(self.path, "rb") as f:
                 for line in filter(bytes.strip, f):
                     try:
-                        if json.loads(line).get("step", 0) <= resume_step:
+                        record = json.loads(line)
+                        if not isinstance(record, dict):
+                            raise ValueError(line)
+                        if record.get("step", 0) <= resume_step:
                             kept.append(line)
-                    except ValueError:
+                    except (ValueError, TypeError):
                         torn += 1
             if torn:
                 print(f"note: dropped {torn} unreadable line(s) of {self.path} (a write cut short)", file=sys.stderr)
@@ -360,26 +387,42 @@ class Meter:
     def add(self, terms):
         self.sums += terms
         self.count += 1
+        self.added = True
 
     def log(self, step, grad_norm=None, **extra):
-        """After every step; device tensors among `extra` are read only at the log points (no step waits)."""
+        """After every step; device tensors among `extra` are read only at the log points (no step waits). Steps that
+        --skip-nonfinite skipped (no add) are counted: a window of only skipped steps logs null losses, and
+        --max-skipped skipped steps in a row stop the run."""
         self.images += self.args.batch_size
+        self.steps += 1
+        self.skipped_in_a_row = 0 if self.added else self.skipped_in_a_row + 1
+        self.added = False
         self.bar.update(1)
+        limit = getattr(self.args, "max_skipped", 0)
+        if limit and self.skipped_in_a_row >= limit:
+            raise rundir.UserError(f"{self.skipped_in_a_row} steps in a row up to step {step} had a non-finite loss or "
+                                   f"gradient and were skipped; the run stopped and the last good checkpoint was kept. "
+                                   f"Lower --lr or check the data")
         if step % self.args.log_every and step != self.args.steps:
             return None
         mean = (all_reduce_mean(self.sums) / max(self.count, 1)).tolist()
-        if not math.isfinite(mean[0]):
+        skipped, self.steps = self.steps - self.count, 0
+        if not self.count:                         # every step of the window was skipped: no loss to report
+            mean = [None] * len(mean)
+        elif not math.isfinite(mean[0]):
             raise rundir.UserError(f"loss became {mean[0]} at or before step {step}; the run stopped and the last good "
                             f"checkpoint was kept. Lower --lr, check the data, or pass --skip-nonfinite")
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
         now = time.perf_counter()
         extra = {k: v.item() if torch.is_tensor(v) else v for k, v in extra.items()}
+        grad_norm = None if grad_norm is None else float(grad_norm)
         record = dict(step=step, **dict(zip(self.names, mean)), **extra,
-                      grad_norm=None if grad_norm is None else float(grad_norm),
+                      grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                      **({"skipped": skipped} if self.args.skip_nonfinite else {}),
                       images_per_s=self.images / max(now - self.t0, 1e-9), peak_mem_gb=peak_memory_gb(self.env.device))
         self.write(**record)
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in zip(self.names, mean)})
+        self.bar.set_postfix({k: "-" if v is None else f"{v:.4g}" for k, v in zip(self.names, mean)})
         self.sums.zero_()
         self.count, self.t0, self.images = 0, now, 0
         return record

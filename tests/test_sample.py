@@ -283,7 +283,7 @@ def test_two_processes_give_the_same_samples_as_one(diffusion_ckpt, tmp_path, ru
     a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
     assert np.array_equal(a["arr_1"], b["arr_1"])
     assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
-    assert sorted(os.listdir(tmp_path / "two")) == ["grid.png", "samples.npz"]          # chunks and lock cleaned up
+    assert sorted(os.listdir(tmp_path / "two")) == ["grid.png", "samples.npz", "settings.json"]   # chunks, lock gone
 
 
 # ----------------------------------------------------------------------------------------------------------------
