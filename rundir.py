@@ -407,7 +407,7 @@ def load_checkpoint(path, stage=None, mmap=False):
         raise CorruptCheckpoint(path, f"is unreadable or corrupt ({type(e).__name__})",
                                 f"; use another checkpoint (the authors' released weights: python tools/official.py "
                                 f"convert {path} OUT.pt)" if foreign else "; it is truncated or damaged: use another "
-                                f"checkpoint (an OUT/ckpt_<step>.pt of the same run)") from None
+                                "checkpoint (an OUT/ckpt_<step>.pt of the same run)") from None
     if not isinstance(state, dict) or "stage" not in state or "config" not in state:
         raise UserError(f"'{path}' is not a checkpoint of this project; if it holds the authors' released weights, "
                         f"convert it first: python tools/official.py convert {path} OUT.pt")
