@@ -110,7 +110,8 @@ def main(argv=None):
     metrics = args.metric or [m for m in PREFERRED if m in logged]
     missing = [m for m in metrics if m not in logged]
     if missing or not metrics:
-        raise rundir.UserError(f"no run logs {', '.join(missing) or 'any metric'}; these do: {', '.join(sorted(logged))}")
+        raise rundir.UserError(f"no run logs {', '.join(missing) or 'any metric'}; these do: "
+                               f"{', '.join(sorted(logged))}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise rundir.UserError(f"the folder of --out {args.out} does not exist")
     fig = plot(runs, metrics, args.x)

@@ -101,10 +101,15 @@ def logged(out):
         return [r for r in map(json.loads, filter(str.strip, f)) if "loss" in r]
 
 
-def judge_run(out, steps, trend=True, resumed_at=0):
+def judge_run(out, steps, trend=True, resumed_at=0, evaluated=False):
     """A finished run: a checkpoint at `steps`, one finite loss logged per step after `resumed_at` (which the run
-    must say it resumed from), and with `trend` a mean loss of the last third (at least one) below the first's."""
+    must say it resumed from), with `trend` a mean loss of the last third (at least one) below the first's, and with
+    `evaluated` an online evaluation of its last step."""
     def judge(output):
+        records = map(json.loads, open(os.path.join(out, "metrics.jsonl")))
+        if evaluated and not any(r.get("eval_seconds") and r["step"] == steps
+                                 and math.isfinite(r.get("fd_ref", math.nan)) for r in records):
+            raise Failed(f"no online evaluation of step {steps} in {out}/metrics.jsonl")
         records, step = logged(out), rundir.load_checkpoint(os.path.join(out, "ckpt_last.pt"), mmap=True)["step"]
         loss, k = [r["loss"] for r in records], max(len(records) // 3, 1)
         if step != steps or [r["step"] for r in records] != list(range(resumed_at + 1, steps + 1)):
@@ -195,7 +200,9 @@ def main():
         check(f"pretrain RCM-{size('L')}, 2 steps, eager", train("pretrain.py", "L", 2, rcm_l, "--probe-every", 0,
               "--no-compile", batch_size=8), 240, judge_run(rcm_l, 2, False))
         check(f"diffusion EPG-{size('XL')}, {n} steps", train("train_diffusion.py", "XL", n, dm, "--init", ckpt(rcm_b),
-              "--eval-samples", 0, "--sample-steps", 2), 420, judge_run(dm, n, cuda), needs=ckpt(rcm_b))
+              "--eval-samples", 32, "--sample-steps", 2), 420, judge_run(dm, n, cuda, evaluated=True),
+              needs=ckpt(rcm_b))
+        # ^ its last step is evaluated online (evaluate.Evaluator on the GPU: sampling, features, probe, held-out loss)
         check(f"consistency EPG-{size('L')}, {n} steps", train("train_consistency.py", "L", n, cm, "--init",
               ckpt(rcm_l)), 420, judge_run(cm, n, cuda), needs=ckpt(rcm_l))
 
