@@ -87,7 +87,7 @@ PRESETS = {
     # stages into a short run made the tiny model worse)
     "T": dict(image_size=32, batch_size=32, steps=1200, lr=5e-4, lr_schedule="constant", lr_milestones=[],
               lr_factors=[], ema=0.995, dropout=0.0, p_mean=1.2, ckpt_every=200, keep_every=0, log_every=25,
-              sample_every=0,              eval_samples=500),
+              sample_every=0, eval_samples=500),
 }
 
 
