@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import evaluate
 import pretrain
 import rundir
 from test_reliability import (ENV, ROOT, assert_user_error, cli, files, fill, load, metrics_steps,  # noqa: F401
@@ -488,15 +489,15 @@ BAD_VALUES = [      # finding 9 (accepted silently) and 10 (tracebacks): (script
     ("pretrain", ["--rc-weight", -1], "must be >= 0 and not both 0"),
     ("pretrain", ["--ctr-weight", "nan"], "--ctr-weight must be a finite number, got nan"),
     ("pretrain", ["--lr", "inf"], "--lr must be a finite number, got inf"),
-    ("pretrain", ["--scales-start", 0], "need 1 <= start <= end"),
+    ("pretrain", ["--scales-start", 0], "--scales-start must be positive"),
     ("pretrain", ["--scales-start", 2000, "--scales-end", 1000], "need 1 <= start <= end"),
     ("pretrain", ["--betas", 1.5, 0.9], "--betas must lie in [0, 1)"),
     ("pretrain", ["--seed", 2 ** 70], "--seed must be below 2^63"),
     ("pretrain", ["--batch-size", 1], "at least 2 images per forward"),
     ("pretrain", ["--micro-batch", 1], "at least 2 images per forward"),
     ("pretrain", ["--max-skipped", -1], "--max-skipped must be >= 0"),
-    ("diffusion", ["--lrd", 2], "--lrd must lie in (0, 1]"),
-    ("diffusion", ["--lrd", 0], "--lrd must lie in (0, 1]"),
+    ("diffusion", ["--lrd", 2], "--lrd must be in (0, 1]"),
+    ("diffusion", ["--lrd", 0], "--lrd must be in (0, 1]"),
     ("diffusion", ["--freeze-encoder", "--lrd", 0.5], "--freeze-encoder trains no encoder layer"),
     ("consistency", ["--from-scratch", "--init-diffusion", "dm.pt"], "--from-scratch and --init-diffusion exclude"),
     ("consistency", ["--lr-milestones", 10, 5, "--lr-factors", 0.5, 0.1], "--lr-milestones must increase"),
@@ -592,12 +593,12 @@ def test_12_png_and_chunks_on_a_full_disk_are_one_line_and_no_empty_file(files, 
         assert all(os.path.getsize(images / name) > 0 for name in os.listdir(images) if name.endswith(".png"))
         assert not [name for name in os.listdir(images) if ".tmp-" in name]
         os.remove(disk / "filler")
-        generate = sample.generate
+        generate = evaluate.generate
 
         def full_then_generate(*a, **k):
             fill(disk)
             return generate(*a, **k)
-        monkeypatch.setattr(sample, "generate", full_then_generate)
+        monkeypatch.setattr(evaluate, "generate", full_then_generate)
         code, _, err = run_sample(monkeypatch, capsys, files, disk / "t")
         assert_user_error(code, err, "(No space left on device)")
         assert "None" not in err

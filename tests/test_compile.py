@@ -17,8 +17,9 @@ import rundir
 
 SIZE = 16
 # the compiled call sites of one step: pretrain online (fwd + bwd), momentum, sg target; diffusion the network;
-# consistency the target pass (no_grad), the online pass, W's keys (no_grad) and W on the prediction
-GRAPHS = {"pretrain": 3, "diffusion": 1, "consistency": 4}
+# consistency the target pass (no_grad), the online pass, W's keys (no_grad) and W on the prediction; each
+# fine-tuning run adds the EMA network of its final grid (evaluate.Evaluator)
+GRAPHS = {"pretrain": 3, "diffusion": 2, "consistency": 5}
 
 
 @pytest.fixture(scope="module")

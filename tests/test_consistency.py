@@ -235,7 +235,7 @@ def test_step_lr_schedule():
 def tiny_args(out, init, steps, *extra):
     return ["--model", "T", "--image-size", str(SIZE), "--batch-size", "4", "--steps", str(steps),
             "--init", init, "--out", str(out), "--log-every", "1", "--lr-milestones", "4", "--lr-factors", "0.3",
-            "--stage-interval", "3", *extra]
+            "--stage-interval", "3", "--eval-samples", "0", *extra]
 
 
 def read_metrics(out):

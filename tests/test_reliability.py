@@ -177,7 +177,7 @@ def base_args(script, files):
         pretrain: common + ["--probe-every", 0],
         train_diffusion: common + ["--init", files["rcm16"], "--sample-every", 0, "--eval-samples", 0,
                                    "--sample-steps", 2],
-        train_consistency: common + ["--init", files["rcm16"]],
+        train_consistency: common + ["--init", files["rcm16"], "--eval-samples", 0],
         sample: ["--ckpt", files["dm"], "--num-samples", 2, "--steps", 2, "--device", "cpu", "--no-progress"],
         fid: ["--device", "cpu", "--no-progress"],                               # + SAMPLES [REFERENCE]
         evaluate: ["score"],                                                       # + SAMPLES
