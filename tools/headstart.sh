@@ -11,8 +11,8 @@ OUT=${OUT:-runs/headstart}
 SEEDS=${SEEDS:-0 1}
 PT_STEPS=${PT_STEPS:-2000}            # RCM-T pre-training schedule (cosine to 0 over these steps) ...
 PT_USE=${PT_USE:-1000}                # ... of which the fine-tunings start from this step's kept checkpoint
-DM_STEPS=${DM_STEPS:-2400}; DM_EVERY=${DM_EVERY:-600}
-CM_STEPS=${CM_STEPS:-800}; CM_EVERY=${CM_EVERY:-200}
+DM_STEPS=${DM_STEPS:-2400}; DM_EVERY=${DM_EVERY:-600}; WARM_EVERY=${WARM_EVERY:-800}
+CM_STEPS=${CM_STEPS:-400}; CM_EVERY=${CM_EVERY:-100}
 SAMPLES=${SAMPLES:-500}               # class-balanced samples per evaluation
 RCM=$OUT/rcm_t/$(printf "ckpt_%07d.pt" "$PT_USE")
 
@@ -28,7 +28,7 @@ for arm in const cm warm; do
                    --out "$OUT/dm_const_${start}_s$seed" ;;
         cm)    run train_consistency.py "${common[@]}" --steps "$CM_STEPS" --eval-every "$CM_EVERY" \
                    --out "$OUT/cm_${start}_s$seed" ;;
-        warm)  run train_diffusion.py "${common[@]}" --steps "$DM_STEPS" --eval-every "$DM_EVERY" \
+        warm)  run train_diffusion.py "${common[@]}" --steps "$DM_STEPS" --eval-every "$WARM_EVERY" \
                    --lr-schedule cosine --warmup 300 --out "$OUT/dm_warm_${start}_s$seed" ;;
       esac
     done
