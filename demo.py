@@ -52,7 +52,7 @@ def pipeline(args, py, log):
     # which a CPU's minutes leave at class accuracy 0.22-0.27; BENCHMARKS.md "The tiny presets", README deviation
     # 31); W of eq. 9 is still RCM-T
     run([py, "train_consistency.py", "--model", "T", "--init", init, "--init-diffusion", f"{out}/dm/ckpt_last.pt",
-         "--steps", str(steps["cm"]), "--out", f"{out}/cm"], log)
+         "--steps", str(steps["cm"]), "--eval-samples", "0", "--out", f"{out}/cm"], log)
     # the tiny diffusion checkpoint records its guidance, CFG 4.0 above the paper's interval (train_diffusion.PRESETS)
     for name, sampler in (("dm", ["--steps", "32"]), ("cm", ["--steps", "1"])):
         run([py, "sample.py", "--ckpt", f"{out}/{name}/ckpt_last.pt", "--num-samples", str(steps["n"]), "--labels",

@@ -84,7 +84,8 @@ def test_a_pretraining_term_weighted_zero_contributes_no_gradient(weight, temper
 
 
 def test_consistency_without_the_auxiliary_loss_ignores_its_temperature(rcm, tmp_path):
-    run = lambda name, *argv: train(train_consistency, tmp_path / name, "--init", rcm[0], "--steps", 1, *argv)["model"]
+    run = lambda name, *argv: train(train_consistency, tmp_path / name, "--init", rcm[0], "--steps", 1,
+                                    "--eval-samples", 0, *argv)["model"]
     off, off_changed = run("off", "--aux-weight", 0), run("off_changed", "--aux-weight", 0, "--aux-tau", 0.7)
     on, on_changed = run("on"), run("on_changed", "--aux-tau", 0.7)
     assert all(torch.equal(off[k], off_changed[k]) for k in off)

@@ -524,7 +524,7 @@ def test_9_10_bad_values_are_refused_at_parse_time_in_one_line(name, flags, expe
     script, args = {
         "pretrain": (pretrain, common + ["--probe-every", 0]),
         "diffusion": (train_diffusion, common + ["--init", tmp_path / "rcm.pt", "--sample-every", 0]),
-        "consistency": (train_consistency, common + ["--init", tmp_path / "rcm.pt"]),
+        "consistency": (train_consistency, common + ["--init", tmp_path / "rcm.pt", "--eval-samples", 0]),
         "sample": (sample, ["--ckpt", tmp_path / "dm.pt", "--num-samples", 2, "--device", "cpu", "--no-progress",
                             "--out", tmp_path / "out"]),
     }[name]
@@ -644,7 +644,7 @@ def test_4_a_consistency_run_refuses_to_resume_against_another_auxiliary_network
     init.parent.mkdir()
     shutil.copy(files["rcm16"], init)
     args = ["--model", "T", "--image-size", 16, "--batch-size", 4, "--device", "cpu", "--log-every", 1,
-            "--ckpt-every", 1, "--out", tmp_path / "cm"]
+            "--ckpt-every", 1, "--eval-samples", 0, "--out", tmp_path / "cm"]
     code, _, err = cli(monkeypatch, capsys, train_consistency, args + ["--steps", 2, "--init", init])
     assert code == 0, err[-2000:]
     before = snapshot(tmp_path / "cm")

@@ -37,7 +37,7 @@ def compiled_graphs(name, steps, rcm, out, monkeypatch):
     args = ["--model", "T", "--image-size", SIZE, "--batch-size", 4, "--steps", steps, "--compile", "--out", out,
             "--device", "cpu"]
     args += {"pretrain": ["--probe-every", 0], "diffusion": ["--init", rcm, "--sample-every", 0, "--eval-samples", 0],
-             "consistency": ["--init", rcm]}[name]
+             "consistency": ["--init", rcm, "--eval-samples", 0]}[name]
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))

@@ -114,7 +114,7 @@ def test_no_host_synchronisation_inside_a_training_step(name, tmp_path, monkeypa
     args = ["--model", "T", "--batch-size", 8, "--steps", 3, "--log-every", 3, "--ckpt-every", 3, "--compile",
             "--out", tmp_path / "out", "--num-workers", 0]
     args += {"pretrain": ["--probe-every", 0], "diffusion": ["--init", rcm, "--sample-every", 0, "--eval-samples", 0],
-             "consistency": ["--init", rcm]}[name]
+             "consistency": ["--init", rcm, "--eval-samples", 0]}[name]
     try:
         rundir.cli_main(functools.partial(script.main, [str(a) for a in args]))
     finally:
