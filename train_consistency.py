@@ -65,7 +65,7 @@ CONFIG = dict(
     sample_every=50_000,       # write OUT/samples_<step>.png (EMA, one step) every this many steps (0: only at the end)
     sampling={},               # recorded as sample.py's defaults; {"mid_sigma": t} also evaluates two-step sampling
     eval_every=0,              # evaluate (evaluate.Evaluator) every this many steps (0: at the last step only). Cost
-                               # (BENCHMARKS.md "Evaluation cost"): 500 one-step EPG-T samples ~10 s on a 2-core CPU
+                               # (BENCHMARKS.md "Evaluation cost"): 500 one-step EPG-T samples ~9 s on a 2-core CPU
     eval_samples=10_000,       # class-balanced EMA samples per evaluation (0: none)
     eval_ref=None,             # ImageFolder data: ADM reference batch or `fid.py --save-stats` file (FID, sFID, IS,
                                # precision, recall); the embedded data set: its reference classifier

@@ -58,8 +58,8 @@ CONFIG = dict(
     sampling={},               # guidance of the grids and evaluations, recorded as sample.py's defaults (empty: the
                                # paper's, §4)
     eval_every=0,              # evaluate (evaluate.Evaluator) every this many steps (0: at the last step only). Cost
-                               # (BENCHMARKS.md "Evaluation cost"): 500 EPG-T samples ~30 s on a 2-core CPU; 10k
-                               # EPG-XL samples (Heun-16) ~3 H100-minutes, estimated
+                               # (BENCHMARKS.md "Evaluation cost"): 500 EPG-T samples ~2 min on a 2-core CPU (Heun-16
+                               # with the preset's guidance); 10k EPG-XL samples (Heun-16) ~4 H100-minutes, estimated
     eval_samples=10_000,       # class-balanced EMA samples per evaluation (§4's ablations: FID on 10k; 0: none)
     eval_cfg=[],               # guidance scales to evaluate, each from the same noise (none: the run's `sampling`)
     eval_cfg_interval=[],      # LO HI: unshifted sigma interval of --eval-cfg's guidance (none: the run's)
