@@ -27,7 +27,6 @@ import rundir
 import shapes
 import trainlib
 
-DataError = rundir.UserError
 
 
 # ---- Reference classifier of the embedded data set: class accuracy and FD_ref (NOT comparable to Inception FID) ----
@@ -138,19 +137,20 @@ def embedded_metrics(images_uint8_nhwc, labels=None, image_size=None, device="cp
     as `labels` (given labels), "val_acc": the classifier's own (the best reachable)} of uint8 images (N, H, W, 3)."""
     images = torch.as_tensor(np.array(images_uint8_nhwc))
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise DataError(f"the reference classifier needs uint8 images of shape (N, H, W, 3), got {images.dtype} "
-                        f"{tuple(images.shape)}")
+        raise rundir.UserError(f"the reference classifier needs uint8 images of shape (N, H, W, 3), got "
+                               f"{images.dtype} {tuple(images.shape)}")
     if len(images) < 2:
-        raise DataError(f"need at least 2 images for FD_ref, got {len(images)}")
+        raise rundir.UserError(f"need at least 2 images for FD_ref, got {len(images)}")
     image_size = int(image_size or images.shape[1])
     if tuple(images.shape[1:3]) != (image_size, image_size) or image_size < 8:
-        raise DataError(f"images are {images.shape[2]}x{images.shape[1]} but the reference classifier takes square "
-                        f"images of the embedded data set's size (8 px or more; here {image_size})")
+        raise rundir.UserError(f"images are {images.shape[2]}x{images.shape[1]} but the reference classifier takes "
+                               f"square images of the embedded data set's size (8 px or more; here {image_size})")
     labels = None if labels is None else np.asarray(labels)
     if labels is not None and (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)):
-        raise DataError(f"need one integer label per image, got {labels.dtype} labels of shape {labels.shape}")
+        raise rundir.UserError(f"need one integer label per image, got {labels.dtype} labels of shape {labels.shape}")
     if labels is not None and (labels.min() < 0 or labels.max() >= len(shapes.SHAPE_CLASSES)):
-        raise DataError(f"labels must be classes 0..9 of the embedded data set, got {labels.min()}..{labels.max()}")
+        raise rundir.UserError(f"labels must be classes 0..9 of the embedded data set, got "
+                               f"{labels.min()}..{labels.max()}")
     classifier = reference_classifier(image_size, device, cache_dir)
     features, logits = classify(classifier, images.permute(0, 3, 1, 2))
     return classifier_metrics(classifier, features, logits, labels)
@@ -172,9 +172,9 @@ def score(path, device="cpu", cache_dir=None):
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in ("arr_0", "arr_1") if key in npz.files}
     except Exception as error:
-        raise DataError(f"cannot read {path} as an npz file ({type(error).__name__}: {error})") from None
+        raise rundir.UserError(f"cannot read {path} as an npz file ({type(error).__name__}: {error})") from None
     if "arr_0" not in arrays or arrays["arr_0"].size == 0:
-        raise DataError(f"{path} holds no images (expected arr_0: N x H x W x 3 uint8, N >= 2)")
+        raise rundir.UserError(f"{path} holds no images (expected arr_0: N x H x W x 3 uint8, N >= 2)")
     metrics = embedded_metrics(arrays["arr_0"], arrays.get("arr_1"), device=device, cache_dir=cache_dir)
     if "arr_1" not in arrays:
         print("note: no labels (arr_1) in the npz, class accuracy skipped", file=sys.stderr)
