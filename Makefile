@@ -17,7 +17,7 @@ $(STAMP): requirements.txt
 	cp requirements.txt $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) demo.py

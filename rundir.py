@@ -584,8 +584,8 @@ def weights_id(state_dict):
 
 def check_resume(saved, current, may_change, steps_fixed=False):
     """Refuse to resume when a config key outside `may_change` differs (and --steps where a schedule depends on it),
-    or a network of IDENTITIES is another one than the run was trained with (a checkpoint of an older version, which
-    has no record, is not checked)."""
+    or a network of IDENTITIES is another one than the run was trained with (a key that a checkpoint of an older
+    version has no record of is not checked)."""
     for key, what in IDENTITIES.items():
         if saved.get(key) is not None and saved.get(key) != current.get(key):
             raise UserError(f"cannot resume: {what} is not the one this run was trained with (weights sha256 "
@@ -594,7 +594,7 @@ def check_resume(saved, current, may_change, steps_fixed=False):
     keys = [k for k in current if k not in may_change and k != "data_id" and k not in IDENTITIES] + \
         (["steps"] if steps_fixed else [])
     diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {current.get(k)} (now)"
-             for k in keys if saved.get(k) != current.get(k)]
+             for k in keys if k in saved and saved[k] != current.get(k)]
     if saved.get("data_id") != current.get("data_id"):
         diffs.append("the data set's classes or image count changed")
     elif saved.get("data") != current.get("data"):

@@ -37,6 +37,8 @@ CONFIG = dict(
     lr=1e-4,                   # Table 11
     lr_schedule="constant",    # Table 11 states no schedule; official code: cosine (with --warmup 10000)
     warmup=0,                  # linear lr warm-up steps from 0 (official code: 10000)
+    cooldown=0,                # linear lr decay to 0 over the last this many steps (0: none; not in the paper; make
+                               # demo: 1000 of 6000 score as 7000 steps at a constant lr, BENCHMARKS.md "make demo")
     weight_decay=0.01,         # Table 11; no decay on pos_embed and cls_token (official parameter groups)
     betas=[0.9, 0.999],        # Table 11
     grad_clip=0.5,             # Table 11 (0: off); the official code clips only after its warm-up
@@ -69,7 +71,8 @@ CONFIG = dict(
 )
 CHOICES = dict(model=tuple(models.MODEL_CONFIGS), lr_schedule=("constant", "cosine"), normalize=data.NORMALIZATIONS)
 POSITIVE = ("image_size", "batch_size", "steps", "lr", "p_std", "ckpt_every", "log_every", "sample_steps")
-NON_NEGATIVE = ("warmup", "weight_decay", "grad_clip", "keep_every", "sample_every", "eval_every", "eval_samples")
+NON_NEGATIVE = ("warmup", "cooldown", "weight_decay", "grad_clip", "keep_every", "sample_every", "eval_every",
+                "eval_samples")
 FRACTION = ("ema", "label_dropout")                         # in [0, 1); --lrd in (0, 1]: parse_args
 # the keys a resumed run may change (paths, cadences, evaluation); every other key must match the checkpoint's
 MAY_CHANGE = ("out", "steps", "init", "ckpt_every", "keep_every", "log_every", "sample_every", "sample_steps",
@@ -138,7 +141,8 @@ def main(argv=None):
               "code": trainlib.code_fingerprint(__file__), "init_flops": init_flops,
               "train_flops": args.batch_size * models.train_flops_per_image("diffusion", args.model, args.image_size)}
     if resume is not None:
-        trainlib.check_resume(resume["config"], config, MAY_CHANGE, steps_fixed=args.lr_schedule == "cosine")
+        trainlib.check_resume(resume["config"], config, MAY_CHANGE,
+                              steps_fixed=args.lr_schedule == "cosine" or args.cooldown > 0)    # where the lr ends
 
     # ---- model: the RCM's encoder (projector dropped, §3.3) and a fresh decoder; EMA; optimiser ----
     torch.manual_seed(args.seed)
@@ -161,7 +165,8 @@ def main(argv=None):
         rundir.write_json(os.path.join(args.out, "config.json"), config)
     log(f"EPG-{args.model}/{patch_size} at {args.image_size}px, {models.count_params(model) / 1e6:.2f}M parameters, "
         f"{data.describe(dataset)}; batch {args.batch_size} = {env.world} x {accum} x {micro}, {args.steps} steps, "
-        f"lr {args.lr} ({args.lr_schedule}, warm-up {args.warmup}), EMA {args.ema}, shift s = {shift:g}, {device}"
+        f"lr {args.lr} ({args.lr_schedule}, warm-up {args.warmup}, cool-down {args.cooldown}), EMA {args.ema}, "
+        f"shift s = {shift:g}, {device}"
         + (", encoder frozen" if args.freeze_encoder else f", encoder lr decay {args.lrd}" if args.lrd != 1 else ""))
 
     batches = iter(data.BatchStream(dataset, args.batch_size, env.rank, env.world, args.seed, views="finetune",

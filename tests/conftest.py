@@ -1,4 +1,5 @@
 """Shared test helpers: the repository root on sys.path and a torchrun launcher for CPU (gloo) multi-process tests."""
+import fcntl
 import os
 import socket
 import subprocess
@@ -33,9 +34,14 @@ def run_torchrun():
 
 @pytest.fixture(scope="session")
 def classifier_cache(tmp_path_factory):
-    """The 32x32 reference classifier of shapes.py, trained once per session into a temporary cache (shared by the
-    data.py tests and the demo test, which would otherwise each train it)."""
+    """The 32x32 reference classifier of shapes.py, trained once per test session into a temporary cache (shared by
+    the tests that score samples, which would otherwise each train it). Under pytest-xdist the workers share it: the
+    first trains it while the others wait on the lock, then read it."""
     import evaluate
-    cache = tmp_path_factory.mktemp("epg_cache")
-    evaluate.reference_classifier(32, cache_dir=cache)
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "epg_cache"
+    cache.mkdir(exist_ok=True)
+    with open(cache / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        evaluate.reference_classifier(32, cache_dir=cache)
     return cache

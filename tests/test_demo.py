@@ -20,7 +20,7 @@ def test_quick_demo_runs_every_stage_and_writes_grids_and_metrics(tmp_path, clas
     for path in ("samples_dm/grid.png", "samples_cm/grid.png", "summary.json", "summary.md"):
         assert (out / path).is_file(), path
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("diffusion_heun32", "consistency_one_step"):
+    for key in ("diffusion_heun16", "consistency_one_step"):
         assert 0.0 <= summary[key]["class_acc"] <= 1.0 and summary[key]["fd_ref"] >= 0.0
     assert 0.0 <= summary["probe_acc_pretrained"] <= 1.0
     assert "NOT comparable to Inception FID" in summary["note"]

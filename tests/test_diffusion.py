@@ -241,6 +241,21 @@ def test_a_resume_under_changed_code_says_so_in_one_line_and_goes_on(rcm_path, u
     assert load(out / "ckpt_last.pt")["step"] == 5 and json.load(open(out / "config.json"))["code"] == edited
 
 
+def test_cooldown_decays_the_lr_linearly_to_0_and_fixes_the_step_count(rcm_path, tmp_path, monkeypatch, capsys):
+    """--cooldown 4 of 8 steps: step k (from 0) trains at lr 1e-3 * min(1, (8 - k) / 4), logged at step k + 1; the
+    end of the decay is a function of --steps, so a resume may not change it."""
+    out = tmp_path / "run"
+    r = train(*train_args(rcm_path, out, steps=8), "--cooldown", 4)
+    assert r.returncode == 0 and "cool-down 4" in r.stdout, r.stderr
+    lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
+    assert lrs == pytest.approx([1e-3] * 5 + [7.5e-4, 5e-4, 2.5e-4])
+    monkeypatch.setattr(sys, "argv", ["train_diffusion.py", *map(str, train_args(rcm_path, out, steps=10)),
+                                      "--cooldown", "4"])
+    with pytest.raises(SystemExit) as e:
+        rundir.cli_main(train_diffusion.main)
+    assert e.value.code == 2 and "--steps 8 (checkpoint) vs 10 (now)" in capsys.readouterr().err
+
+
 def test_lrd_must_be_in_0_1():
     """Table 13's layer-wise lr decay: 0 would leave the encoder at lr 0 (the authors' 0 means off), so it is
     refused, as is a decay above 1; 1 is off and 0.5 the paper's row."""
