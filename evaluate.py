@@ -28,7 +28,6 @@ import shapes
 import trainlib
 
 
-
 # ---- Reference classifier of the embedded data set: class accuracy and FD_ref (NOT comparable to Inception FID) ----
 # Change CLASSIFIER_VERSION whenever the classifier or its training changes (it is the cache key).
 CLASSIFIER_VERSION, CLASSIFIER_RESOLUTION = "v2", 32  # larger inputs are area-downsampled to 32x32
