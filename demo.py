@@ -43,8 +43,9 @@ def pipeline(args, py, log):
     out = args.out
     steps = dict(pt=10, dm=10, cooldown=5, cm=10, n=20) if args.quick \
         else dict(pt=300, dm=6000, cooldown=1000, cm=300, n=500)
-    quick = dict(pt=["--probe-bank", "200", "--probe-queries", "100"], dm=["--sample-steps", "2"]) if args.quick \
-        else dict(pt=[], dm=[])                                       # a smoke test: smaller probe, cheaper grid
+    quick = dict(pt=["--probe-bank", "200", "--probe-queries", "100", "--batch-size", "8"], dm=["--sample-steps", "2"],
+                 cm=["--batch-size", "8"]) if args.quick \
+        else dict(pt=[], dm=[], cm=[])                     # a smoke test: smaller probe and batches, cheaper grid
     # pre-training: the kNN probe of the encoder at step 0 and at the end
     run([py, "pretrain.py", "--model", "T", "--steps", str(steps["pt"]), "--probe-every", str(steps["pt"]),
          *quick["pt"], "--out", f"{out}/pt"], log)
@@ -56,7 +57,7 @@ def pipeline(args, py, log):
     # which a CPU's minutes leave at class accuracy 0.22-0.27; BENCHMARKS.md "The tiny presets", README deviation
     # 31); W of eq. 9 is still RCM-T
     run([py, "train_consistency.py", "--model", "T", "--init", init, "--init-diffusion", f"{out}/dm/ckpt_last.pt",
-         "--steps", str(steps["cm"]), "--eval-samples", "0", "--out", f"{out}/cm"], log)
+         "--steps", str(steps["cm"]), "--eval-samples", "0", *quick["cm"], "--out", f"{out}/cm"], log)
     # diffusion: Heun-16, which scores as Heun-32 does on this model at half its cost (BENCHMARKS.md "make demo"),
     # with the guidance the tiny checkpoint records (CFG 4.0 above the paper's interval: train_diffusion.PRESETS)
     for name, sampler in (("dm", ["--steps", "16"]), ("cm", ["--steps", "1"])):

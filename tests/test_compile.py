@@ -1,5 +1,5 @@
 """Every network pass of a training step goes through torch.compile (issue: the momentum branch, the stop-gradient
-targets and the frozen auxiliary network too): two and three steps of each stage with --compile, traced by dynamo
+targets and the frozen auxiliary network too): three steps of each stage with --compile, traced by dynamo
 (backend aot_eager here: the same graphs as inductor without its code generation, which `make gpu-check` runs);
 no graph break, and no graph compiled after the first step."""
 import functools
@@ -48,7 +48,6 @@ def compiled_graphs(name, steps, rcm, out, monkeypatch):
 
 @pytest.mark.parametrize("name", list(GRAPHS))
 def test_every_pass_is_compiled_without_graph_breaks_or_recompilation(name, rcm, tmp_path, monkeypatch):
-    after_one = compiled_graphs(name, 1, rcm, tmp_path / "one", monkeypatch)
-    after_three = compiled_graphs(name, 3, rcm, tmp_path / "three", monkeypatch)
-    assert after_one == (GRAPHS[name], 0)                  # each pass compiled once, in one piece
-    assert after_three == after_one                        # and nothing compiled again in steps 2 and 3
+    # each pass compiled once, in one piece: a pass left eager counts one graph short, a pass compiled again in steps 2
+    # and 3 one graph over
+    assert compiled_graphs(name, 3, rcm, tmp_path, monkeypatch) == (GRAPHS[name], 0)
