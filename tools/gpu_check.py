@@ -204,7 +204,7 @@ def main():
               needs=ckpt(rcm_b))
         # ^ its last step is evaluated online (evaluate.Evaluator on the GPU: sampling, features, probe, held-out loss)
         check(f"consistency EPG-{size('L')}, {n} steps", train("train_consistency.py", "L", n, cm, "--init",
-              ckpt(rcm_l)), 420, judge_run(cm, n, cuda), needs=ckpt(rcm_l))
+              ckpt(rcm_l), "--eval-samples", 32), 420, judge_run(cm, n, cuda), needs=ckpt(rcm_l))
 
     if "bench" in args.only:                    # on CPU the four rows are all T's: one `--stage all` process
         timing = ([] if args.no_record else ["--record"]) if cuda else ["--device", "cpu", "--iters", 1, "--warmup", 0]
