@@ -41,11 +41,12 @@ def score(py, npz, log):
 
 def pipeline(args, py, log):
     out = args.out
-    steps = dict(pt=10, dm=10, cooldown=5, cm=10, n=20) if args.quick \
-        else dict(pt=300, dm=6000, cooldown=1000, cm=300, n=500)
-    quick = dict(pt=["--probe-bank", "200", "--probe-queries", "100", "--batch-size", "8"], dm=["--sample-steps", "2"],
-                 cm=["--batch-size", "8"]) if args.quick \
-        else dict(pt=[], dm=[], cm=[])                     # a smoke test: smaller probe and batches, cheaper grid
+    if args.quick:        # a smoke test: a few steps, a smaller probe and batches, a cheaper grid
+        steps = dict(pt=10, dm=10, cooldown=5, cm=10, n=20)
+        quick = dict(pt=["--probe-bank", "200", "--probe-queries", "100", "--batch-size", "8"],
+                     dm=["--sample-steps", "2"], cm=["--batch-size", "8"])
+    else:
+        steps, quick = dict(pt=300, dm=6000, cooldown=1000, cm=300, n=500), dict(pt=[], dm=[], cm=[])
     # pre-training: the kNN probe of the encoder at step 0 and at the end
     run([py, "pretrain.py", "--model", "T", "--steps", str(steps["pt"]), "--probe-every", str(steps["pt"]),
          *quick["pt"], "--out", f"{out}/pt"], log)

@@ -17,9 +17,9 @@ import rundir  # noqa: E402
 def test_every_phase_runs_on_cpu_and_prints_the_summary(tmp_path, classifier_cache):
     with open(os.path.join(ROOT, "BENCHMARKS.md")) as f:
         benchmarks = f.read()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "EPG_CACHE": str(classifier_cache)}
     result = subprocess.run([sys.executable, os.path.join("tools", "gpu_check.py"), "--device", "cpu", "--out",
-                             str(tmp_path)], cwd=ROOT,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "EPG_CACHE": str(classifier_cache)}, capture_output=True, text=True, timeout=600)
+                             str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
     table = result.stdout.split("| check | result | seconds | detail |")[1]
     for check in ("| pytest tests/test_gpu.py | ok |", "| pretrain RCM-T, 6 steps | ok |",
